@@ -1,0 +1,309 @@
+"""Wan2.1 DiT shared by the causal student (KV-cached chunks) and the bidirectional teacher/critic.
+
+Parameter names are Wan2.1's original state-dict keys, so real checkpoints load by prefix handling
+only. The maths follows the reference order and dtypes (reference-algorithm.md §1.3): norms in
+float32 then cast back, modulation and gating in the model dtype, RoPE in float64 by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rf_core.config import DiTConfig
+from rf_core.model.attention import attention, check_backend
+from rf_core.model.rope import RopeTables, apply_rope
+
+CrossKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] float64, cosine half first (Wan convention)."""
+    half = dim // 2
+    pos = t.to(torch.float64)
+    freq = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    ang = torch.outer(pos, freq)
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the full width, computed in float32 and cast back before the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm returning the input dtype (affine only for ``norm3``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n = x.shape[:2]
+        shape = (b, n, self.num_heads, -1)
+        q = self.norm_q(self.q(x)).view(shape)
+        k = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        k_all, v_all = plan.keys_values(layer, k, v)
+        q = apply_rope(q, *plan.rope_q).type_as(v)
+        k_all = apply_rope(k_all, *plan.rope_k).type_as(v)
+        out = attention(q, k_all, v_all, plan.backend, plan.mask)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n = ctx.shape[:2]
+        k = self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1)
+        v = self.v(ctx).view(b, n, self.num_heads, -1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
+        b, n = x.shape[:2]
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        plan: AttentionPlan,
+        layer: int,
+        kv_only: bool = False,
+    ) -> torch.Tensor:
+        """x [B, f*F, dim]; e0 [B, f, 6, dim] per-frame modulation. ``kv_only``: this pass only
+        refreshes the cache, so stop after the self-attention keys/values are written."""
+        frames = e0.shape[1]
+        tokens = x.shape[1] // frames
+        m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        h = (self.norm1(x).unflatten(1, (frames, tokens)) * (1 + m[1]) + m[0]).flatten(1, 2)
+        if kv_only:
+            _, k, v = self.self_attn.qkv(h)
+            plan.keys_values(layer, k, v)
+            return x
+        y = self.self_attn(h, plan, layer)
+        x = x + (y.unflatten(1, (frames, tokens)) * m[2]).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), cross_kv, plan.backend)
+        y = self.ffn((self.norm2(x).unflatten(1, (frames, tokens)) * (1 + m[4]) + m[3]).flatten(1, 2))
+        return x + (y.unflatten(1, (frames, tokens)) * m[5]).flatten(1, 2)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, f*F, dim]; e [B, f, dim] time embedding (before the projection)."""
+        frames = e.shape[1]
+        m = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(self.norm(x).unflatten(1, (frames, -1)) * (1 + m[1]) + m[0]).flatten(1, 2)
+
+
+class AttentionPlan:
+    """Where a forward's self-attention keys come from, and the RoPE tables of queries and keys.
+
+    The base plan is bidirectional attention over the tokens of the call (teacher/critic, or a
+    masked full-sequence forward); ``rf_core.model.kv_cache.CachePlan`` adds the streaming cache.
+    """
+
+    def __init__(self, backend: str, rope_q, rope_k, mask: torch.Tensor | None = None) -> None:
+        self.backend = backend
+        self.rope_q = rope_q
+        self.rope_k = rope_k
+        self.mask = mask
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k, v
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 text-to-video DiT. Outputs a flow (velocity) prediction v = noise - x0."""
+
+    def __init__(self, cfg: DiTConfig, attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.attn_backend = check_backend(attn_backend)
+        self.gradient_checkpointing = False
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.rope = RopeTables(cfg.head_dim)
+
+    # ----------------------------------------------------------------- pieces shared by both modes
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def set_rope_precision(self, dtype: torch.dtype) -> None:
+        """float64 reproduces the reference exactly; float32 is the fast path for bf16 models."""
+        self.rope = RopeTables(self.cfg.head_dim, dtype)
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """Token grid (frames, rows, cols) of a latent [B, C, f, h, w], with clear errors."""
+        if x.ndim != 5 or x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"latent must be [B, {self.cfg.in_dim}, frames, h, w], got {list(x.shape)}")
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = x.shape[2:]
+        if f == 0 or f % pt or h % ph or w % pw:
+            raise ValueError(
+                f"latent frames/height/width {f}x{h}x{w} must be non-zero multiples of the patch size "
+                f"{self.cfg.patch_size} (pixel sizes must be multiples of 16)"
+            )
+        return f // pt, h // ph, w // pw
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """[B, L <= text_len, text_dim] umT5 embeddings -> [B, text_len, dim]; zero rows are padded
+        before the projection, as in Wan (they are attended to, unmasked)."""
+        if context.ndim != 3 or context.shape[-1] != self.cfg.text_dim:
+            raise ValueError(
+                f"prompt embeddings must be [B, tokens, {self.cfg.text_dim}], got {list(context.shape)}"
+            )
+        n = context.shape[1]
+        if n > self.cfg.text_len:
+            raise ValueError(
+                f"prompt embeddings have {n} tokens; the model takes at most {self.cfg.text_len}"
+            )
+        if n < self.cfg.text_len:
+            context = F.pad(context, (0, 0, 0, self.cfg.text_len - n))
+        return self.text_embedding(context.to(self.dtype))
+
+    def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-block cross-attention keys/values of a prompt (computed once per prompt)."""
+        ctx = self.embed_text(context)
+        return [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
+
+    def time_embed(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] or [B, f] -> e [B, f, dim], e0 [B, f, 6, dim]."""
+        if t.ndim == 1:
+            t = t[:, None].expand(batch, frames)
+        if tuple(t.shape) != (batch, frames):
+            raise ValueError(
+                f"timesteps must be [B] or [B, frames] = [{batch}, {frames}], got {list(t.shape)}"
+            )
+        e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).to(self.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        return e.unflatten(0, (batch, frames)), e0.unflatten(0, (batch, frames))
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2)
+
+    def unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, f*h*w, prod(patch)*C] with (p, q, r, c) order, c fastest -> [B, C, f*pt, h*ph, w*pw]."""
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        out = out.view(out.shape[0], f, h, w, pt, ph, pw, c)
+        out = torch.einsum("bfhwpqrc->bcfphqwr", out)
+        return out.reshape(out.shape[0], c, f * pt, h * ph, w * pw)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        e0: torch.Tensor,
+        cross: CrossKV,
+        plan: AttentionPlan,
+        grid: tuple[int, int, int],
+        need_output: bool = True,
+    ) -> torch.Tensor | None:
+        """Blocks + head. With ``need_output=False`` (cache refresh) the last block stops after
+        writing its keys/values and the head is skipped: their results would be discarded."""
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            kv_only = not need_output and i == last
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, e0, cross[i], plan, i, kv_only, use_reentrant=False)
+            else:
+                x = blk(x, e0, cross[i], plan, i, kv_only)
+        if not need_output:
+            return None
+        return self.unpatchify(self.head(x, e), grid)
+
+    # ----------------------------------------------------------------- bidirectional (teacher/critic)
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cross: CrossKV | None = None,
+    ) -> torch.Tensor:
+        """Full-sequence forward. x [B, C, f, h, w]; t [B] or [B, f]; context [B, L, text_dim].
+        Frames sit at RoPE positions 0..f-1. ``attn_mask``: bool [f*F, f*F] (True = attend), e.g. a
+        block-causal mask. ``cross``: precomputed ``cross_kv(context)`` to skip the text projection."""
+        grid = self.grid(x)
+        b = x.shape[0]
+        tokens = self.patchify(x)
+        e, e0 = self.time_embed(t.to(x.device), b, grid[0])
+        cos_sin = self.rope.get(0, *grid, x.device)
+        plan = AttentionPlan(self.attn_backend, cos_sin, cos_sin, attn_mask)
+        if cross is None:
+            cross = self.cross_kv(context)
+        return self.run_blocks(tokens, e, e0, cross, plan, grid)

@@ -1,0 +1,164 @@
+"""Self-attention KV cache with sink policies, shared by all blocks of one stream.
+
+Layout: one buffer per k and v, [layers, B, capacity_frames * F, H, D], holding un-roped keys (after
+RMSNorm) and values in frame order: [sink frames | older frames ... | current chunk]. Keys are roped on
+every call with window-relative frame positions 0..K-1 (queries at the end), so streams are unlimited.
+
+A chunk's life: ``begin_chunk`` makes room (evicting the oldest non-sink frames and, for the ``ema``
+policy, blending them into the sink), every pass of the chunk writes its keys into the reserved slot
+(the denoising passes' noisy keys are overwritten by the clean context pass), ``commit`` makes the
+slot part of the window. Only ``begin_chunk`` and ``commit`` change what later chunks see, and
+``begin_chunk`` runs once per chunk, so an interrupted chunk can simply be run again.
+
+Policies (reference-algorithm.md §2): ``ema`` = Reward Forcing's EMA-Sink; ``static`` = frozen first
+frames (Self-Forcing/LongLive); ``none`` = plain sliding window; ``global`` = no eviction up to
+``max_frames``. Generalisations of the reference (documented in docs/api.md):
+- the sink is the first ``sink_frames`` frames of the stream even when chunks are smaller or larger
+  than the sink (the reference only handles chunk == sink);
+- evicted frames are blended frame by frame into sink slot ``n mod sink_frames``, n counting evicted
+  frames; with chunk == sink this is exactly the reference's blend of the evicted chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rf_core.config import StreamConfig
+from rf_core.model.dit import AttentionPlan
+
+
+class CacheFullError(RuntimeError):
+    pass
+
+
+class SinkKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        frame_tokens: int,
+        num_heads: int,
+        head_dim: int,
+        config: StreamConfig,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.frame_tokens = frame_tokens
+        self.capacity = config.cache_frames
+        self.sink = config.effective_sink_frames
+        self.alpha = config.ema_alpha
+        shape = (num_layers, batch, self.capacity * frame_tokens, num_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames = 0  # committed frames in the buffer
+        self.pending: int | None = None  # frames reserved for the chunk in progress
+        self.evicted_total = 0
+        # absolute frame index held by each committed slot; None once a sink slot is a blend
+        self.frame_ids: list[int | None] = []
+        self.next_frame = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def _tok(self, frames: int) -> int:
+        return frames * self.frame_tokens
+
+    def begin_chunk(self, n: int) -> tuple[int, int]:
+        """Reserve a slot for a new chunk of ``n`` frames, evicting as needed. Idempotent while a
+        chunk is pending (an interrupted chunk reuses its slot). Returns the slot (start, end) in frames."""
+        if self.pending is not None:
+            if self.pending != n:
+                raise ValueError(f"a chunk of {self.pending} frames is pending; cannot begin one of {n}")
+            return self.frames, self.frames + n
+        if n > self.capacity - self.sink:
+            raise ValueError(
+                f"chunk of {n} frames does not fit a window of {self.capacity} with {self.sink} sink frames"
+            )
+        overflow = self.frames + n - self.capacity
+        if overflow > 0:
+            if self.config.sink_policy == "global":
+                raise CacheFullError(
+                    f"the 'global' sink policy holds at most max_frames={self.capacity} latent frames; "
+                    f"use 'ema', 'static' or 'none' for longer streams, or raise max_frames"
+                )
+            self._evict(overflow)
+        self.pending = n
+        return self.frames, self.frames + n
+
+    def _evict(self, e: int) -> None:
+        z, t = self.sink, self.frame_tokens
+        keep = self.frames - z - e
+        ev = slice(z * t, (z + e) * t)
+        if self.config.sink_policy == "ema" and z > 0:
+            ev_k, ev_v = self.k[:, :, ev].clone(), self.v[:, :, ev].clone()
+        if keep > 0:
+            src = slice((z + e) * t, (z + e + keep) * t)
+            dst = slice(z * t, (z + keep) * t)
+            self.k[:, :, dst] = self.k[:, :, src].clone()
+            self.v[:, :, dst] = self.v[:, :, src].clone()
+        if self.config.sink_policy == "ema" and z > 0:
+            a = self.alpha
+            for j in range(e):
+                slot = (self.evicted_total + j) % z
+                s = slice(slot * t, (slot + 1) * t)
+                src = slice(j * t, (j + 1) * t)
+                # same expression and rounding as the reference: a*sink + (1-a)*evicted
+                self.k[:, :, s] = a * self.k[:, :, s] + (1 - a) * ev_k[:, :, src]
+                self.v[:, :, s] = a * self.v[:, :, s] + (1 - a) * ev_v[:, :, src]
+                self.frame_ids[slot] = None
+        self.evicted_total += e
+        del self.frame_ids[z : z + e]
+        self.frames -= e
+
+    def commit(self) -> None:
+        if self.pending is None:
+            raise RuntimeError("commit() without begin_chunk()")
+        n = self.pending
+        self.frame_ids.extend(range(self.next_frame, self.next_frame + n))
+        self.next_frame += n
+        self.frames += n
+        self.pending = None
+
+    def plan(self, slot: tuple[int, int], rope, rows: int, cols: int, backend: str, device) -> CachePlan:
+        return CachePlan(self, slot, rope, rows, cols, backend, device)
+
+
+class CachePlan(AttentionPlan):
+    """Self-attention of frames occupying cache slot [start, end): keys are buffer frames [0, end)
+    with positions 0..end-1; queries sit at positions start..end-1.
+
+    Without gradients the pass writes its keys into the slot in place and attends over the buffer
+    (no copies). With gradients (training exit step) nothing is written: the pass attends over a
+    snapshot of the committed prefix concatenated with its own keys, so gradients never leak into
+    other chunks through the buffer and gradient checkpointing recomputes the same values."""
+
+    def __init__(self, cache: SinkKVCache, slot, rope, rows: int, cols: int, backend: str, device) -> None:
+        start, end = slot
+        super().__init__(
+            backend,
+            rope.get(start, end - start, rows, cols, device),
+            rope.get(0, end, rows, cols, device),
+        )
+        self.cache = cache
+        self.lo = cache._tok(start)
+        self.hi = cache._tok(end)
+        self.grad = torch.is_grad_enabled()
+        if self.grad:
+            self.prefix = [
+                (cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone())
+                for i in range(cache.k.shape[0])
+            ]
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grad:
+            pk, pv = self.prefix[layer]
+            return torch.cat([pk, k.to(pk.dtype)], 1), torch.cat([pv, v.to(pv.dtype)], 1)
+        c = self.cache
+        c.k[layer, :, self.lo : self.hi] = k
+        c.v[layer, :, self.lo : self.hi] = v
+        return c.k[layer, :, : self.hi], c.v[layer, :, : self.hi]

@@ -1,0 +1,231 @@
+"""StreamSession: the Reward Forcing chunk loop, with all state carried between chunks.
+
+Per chunk (reference-algorithm.md §4.3): start from noise, run the warped denoising steps
+(1000, 937.5, 833.3, 625 by default) with fresh noise between steps, return the clean latent, then
+run one more pass at t = 0 on it to write clean keys/values into the KV cache.
+
+Latents are in model space (normalised Wan latents), frame-major: [B, frames, 16, h, w].
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rf_core.config import StreamConfig
+from rf_core.model.dit import WanDiT
+from rf_core.model.kv_cache import SinkKVCache
+from rf_core.schedule import FlowSchedule
+
+
+class StreamSession:
+    """One stream of video latents.
+
+    Args:
+        model: the causal student (any ``WanDiT``; it is not modified).
+        prompt_embeds: [B or 1, tokens <= text_len, text_dim] umT5 embeddings (zeros after EOS).
+        latent_hw: latent height and width (pixels / 8), multiples of 2.
+        config: chunking, steps and sink policy.
+        seed: sample i of the batch draws its noise from its own generator seeded ``seed + i``, so a
+            batch equals single runs with consecutive seeds. The global RNG is never used.
+        batch: batch size (default: the prompt batch).
+        interrupt: called before every model pass; raise from it to cancel (e.g. ComfyUI's
+            ``throw_exception_if_processing_interrupted``). A cancelled chunk leaves the session as
+            it was before that chunk: calling ``next_chunk`` again produces the same chunk.
+        on_pass: called after every model pass with (pass index, passes per chunk), for progress bars.
+    """
+
+    def __init__(
+        self,
+        model: WanDiT,
+        prompt_embeds: torch.Tensor,
+        latent_hw: tuple[int, int],
+        config: StreamConfig | None = None,
+        seed: int = 0,
+        batch: int | None = None,
+        interrupt: Callable[[], None] | None = None,
+        on_pass: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config or StreamConfig()
+        self.interrupt = interrupt
+        self.on_pass = on_pass
+        cfg = model.cfg
+        h, w = latent_hw
+        pt, ph, pw = cfg.patch_size
+        if h <= 0 or w <= 0 or h % ph or w % pw:
+            raise ValueError(
+                f"latent size {h}x{w} must be positive multiples of {ph}x{pw} "
+                f"(video size a multiple of {8 * ph}x{8 * pw} pixels)"
+            )
+        if self.config.chunk_frames % pt:
+            raise ValueError(f"chunk_frames {self.config.chunk_frames} must be a multiple of {pt}")
+        self.latent_hw = (h, w)
+        self.grid_hw = (h // ph, w // pw)
+        self.batch = batch or prompt_embeds.shape[0]
+        self.device = model.device
+        self.dtype = model.dtype
+        self.schedule = FlowSchedule(self.config.shift)
+        steps = self.config.denoise_steps
+        self.timesteps = self.schedule.warp(steps) if self.config.warp_steps else [float(s) for s in steps]
+        self.cache = SinkKVCache(
+            cfg.num_layers,
+            self.batch,
+            self.grid_hw[0] * self.grid_hw[1],
+            cfg.num_heads,
+            cfg.head_dim,
+            self.config,
+            self.device,
+            self.dtype,
+        )
+        self.seed = seed
+        self._prompt: torch.Tensor
+        self._cross: list | None = None
+        self.set_prompt(prompt_embeds)
+        self.reset(seed)
+
+    # ------------------------------------------------------------------ state
+    def reset(self, seed: int | None = None) -> None:
+        """Start a new stream (same prompt, new or same seed)."""
+        if seed is not None:
+            self.seed = seed
+        self.cache.reset()
+        gen_device = self.device if self.device.type != "meta" else "cpu"
+        self.generators = [torch.Generator(gen_device).manual_seed(self.seed + i) for i in range(self.batch)]
+        self._chunk_rng: list[torch.Tensor] | None = None
+        # clean latents of the frames still in the window, for re-caching on a prompt switch
+        self.recent: deque[tuple[int, torch.Tensor]] = deque(maxlen=self.config.cache_frames)
+
+    @property
+    def frames_done(self) -> int:
+        """Latent frames generated so far."""
+        return self.cache.next_frame
+
+    def state_nbytes(self) -> int:
+        n = self.cache.nbytes + sum(x.numel() * x.element_size() for _, x in self.recent)
+        if self._cross is not None:
+            n += sum(k.numel() * k.element_size() * 2 for k, _ in self._cross)
+        return n
+
+    def set_prompt(self, prompt_embeds: torch.Tensor, recache: bool = False) -> None:
+        """Switch the prompt for the next chunk. The cross-attention cache is rebuilt. With
+        ``recache`` (LongLive-style), the clean frames still in the window (not the sink, which may
+        be a blend) are run again under the new prompt at t = 0 so their keys follow the new prompt."""
+        cfg = self.model.cfg
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"prompt embeddings must be [B, tokens, {cfg.text_dim}] for this model, got {list(prompt_embeds.shape)}"
+            )
+        if prompt_embeds.shape[1] > cfg.text_len:
+            raise ValueError(
+                f"prompt embeddings have {prompt_embeds.shape[1]} tokens; the model takes at most {cfg.text_len}"
+            )
+        if prompt_embeds.shape[0] not in (1, getattr(self, "batch", prompt_embeds.shape[0])):
+            raise ValueError(
+                f"prompt batch {prompt_embeds.shape[0]} does not match the session batch {self.batch}"
+            )
+        self._prompt = prompt_embeds.to(self.device, self.dtype).expand(self.batch, -1, -1)
+        self._cross = None
+        if recache:
+            self._recache()
+
+    def _cross_kv(self) -> list:
+        if self._cross is None or torch.is_grad_enabled():
+            cross = self.model.cross_kv(self._prompt)
+            if torch.is_grad_enabled():
+                return cross
+            self._cross = cross
+        return self._cross
+
+    # ------------------------------------------------------------------ passes
+    def _pass(self, x: torch.Tensor, t: float, slot: tuple[int, int], need_output: bool = True):
+        """One model pass of frames x [B, f, C, h, w] sitting in cache slot ``slot``."""
+        if self.interrupt is not None:
+            self.interrupt()
+        m = self.model
+        xc = x.permute(0, 2, 1, 3, 4)
+        grid = m.grid(xc)
+        tt = torch.full((x.shape[0], grid[0]), t, device=self.device, dtype=torch.float32)
+        e, e0 = m.time_embed(tt, x.shape[0], grid[0])
+        plan = self.cache.plan(slot, m.rope, grid[1], grid[2], m.attn_backend, self.device)
+        out = m.run_blocks(m.patchify(xc), e, e0, self._cross_kv(), plan, grid, need_output)
+        return None if out is None else out.permute(0, 2, 1, 3, 4)
+
+    def _noise(self, n: int) -> torch.Tensor:
+        h, w = self.latent_hw
+        c = self.model.cfg.in_dim
+        return torch.stack(
+            [
+                torch.randn((n, c, h, w), generator=g, device=g.device, dtype=self.dtype)
+                for g in self.generators
+            ]
+        ).to(self.device)
+
+    @torch.no_grad()
+    def _recache(self) -> None:
+        c = self.cache
+        if c.frames <= c.sink:
+            return
+        ids = c.frame_ids[c.sink : c.frames]
+        lat = dict(self.recent)
+        if any(i is None or i not in lat for i in ids):
+            return  # nothing re-cacheable (e.g. frames were never kept)
+        x = torch.stack([lat[i] for i in ids], dim=1)
+        self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False)
+
+    def denoise_chunk(
+        self,
+        noise: torch.Tensor | None = None,
+        renoise: Sequence[torch.Tensor] | None = None,
+        exit_step: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Denoise the next chunk without committing it (the caller must call ``finish_chunk``).
+        ``exit_step`` stops after that step (training rollouts); gradients flow only through the
+        last pass when the caller enables them for it (see rf_core.train)."""
+        n = self.config.chunk_frames
+        if self._chunk_rng is None:
+            self._chunk_rng = [g.get_state() for g in self.generators]
+        else:  # retrying a cancelled chunk: replay its noise
+            for g, s in zip(self.generators, self._chunk_rng):
+                g.set_state(s)
+        slot = self.cache.begin_chunk(n)
+        x = self._noise(n) if noise is None else noise.to(self.device, self.dtype)
+        if x.shape != (self.batch, n, self.model.cfg.in_dim, *self.latent_hw):
+            raise ValueError(
+                f"noise must be {[self.batch, n, self.model.cfg.in_dim, *self.latent_hw]}, got {list(x.shape)}"
+            )
+        steps = self.timesteps if exit_step is None else self.timesteps[: exit_step + 1]
+        x0 = x
+        for i, t in enumerate(steps):
+            v = self._pass(x, t, slot)
+            x0 = self.schedule.x0_from_flow(v, x, t)
+            if self.on_pass is not None:
+                self.on_pass(i, len(self.timesteps) + 1)
+            if i + 1 < len(steps):
+                eps = self._noise(n) if renoise is None else renoise[i].to(self.device, self.dtype)
+                x = self.schedule.add_noise(x0, eps, steps[i + 1])
+        return x0, slot
+
+    @torch.no_grad()
+    def finish_chunk(self, x0: torch.Tensor, slot: tuple[int, int]) -> None:
+        """Context pass on the clean chunk (writes its clean keys/values), then commit it."""
+        self._pass(x0, self.config.context_timestep, slot, need_output=False)
+        if self.on_pass is not None:
+            self.on_pass(len(self.timesteps), len(self.timesteps) + 1)
+        first = self.cache.next_frame
+        self.cache.commit()
+        self._chunk_rng = None
+        for j in range(x0.shape[1]):
+            self.recent.append((first + j, x0[:, j].detach()))
+
+    @torch.no_grad()
+    def next_chunk(
+        self, noise: torch.Tensor | None = None, renoise: Sequence[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Generate the next chunk: clean latents [B, chunk_frames, 16, h, w] in model space.
+        ``noise`` / ``renoise`` (one tensor per step after the first) replace the generated noise."""
+        x0, slot = self.denoise_chunk(noise, renoise)
+        self.finish_chunk(x0, slot)
+        return x0
