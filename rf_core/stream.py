@@ -180,10 +180,12 @@ class StreamSession:
         noise: torch.Tensor | None = None,
         renoise: Sequence[torch.Tensor] | None = None,
         exit_step: int | None = None,
+        grad: bool = False,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Denoise the next chunk without committing it (the caller must call ``finish_chunk``).
-        ``exit_step`` stops after that step (training rollouts); gradients flow only through the
-        last pass when the caller enables them for it (see rf_core.train)."""
+        ``exit_step`` stops after that step (self-forcing training rollouts). With ``grad`` the last
+        executed step runs with gradients enabled and all earlier steps without; its cache reads use a
+        snapshot and it writes nothing, so no gradient reaches other chunks through the cache."""
         n = self.config.chunk_frames
         if self._chunk_rng is None:
             self._chunk_rng = [g.get_state() for g in self.generators]
@@ -199,8 +201,9 @@ class StreamSession:
         steps = self.timesteps if exit_step is None else self.timesteps[: exit_step + 1]
         x0 = x
         for i, t in enumerate(steps):
-            v = self._pass(x, t, slot)
-            x0 = self.schedule.x0_from_flow(v, x, t)
+            with torch.set_grad_enabled(grad and i + 1 == len(steps)):
+                v = self._pass(x, t, slot)
+                x0 = self.schedule.x0_from_flow(v, x, t)
             if self.on_pass is not None:
                 self.on_pass(i, len(self.timesteps) + 1)
             if i + 1 < len(steps):
@@ -211,7 +214,7 @@ class StreamSession:
     @torch.no_grad()
     def finish_chunk(self, x0: torch.Tensor, slot: tuple[int, int]) -> None:
         """Context pass on the clean chunk (writes its clean keys/values), then commit it."""
-        self._pass(x0, self.config.context_timestep, slot, need_output=False)
+        self._pass(x0.detach(), self.config.context_timestep, slot, need_output=False)
         if self.on_pass is not None:
             self.on_pass(len(self.timesteps), len(self.timesteps) + 1)
         first = self.cache.next_frame
@@ -220,12 +223,12 @@ class StreamSession:
         for j in range(x0.shape[1]):
             self.recent.append((first + j, x0[:, j].detach()))
 
-    @torch.no_grad()
     def next_chunk(
         self, noise: torch.Tensor | None = None, renoise: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Generate the next chunk: clean latents [B, chunk_frames, 16, h, w] in model space.
         ``noise`` / ``renoise`` (one tensor per step after the first) replace the generated noise."""
-        x0, slot = self.denoise_chunk(noise, renoise)
+        with torch.no_grad():
+            x0, slot = self.denoise_chunk(noise, renoise)
         self.finish_chunk(x0, slot)
         return x0
