@@ -35,6 +35,8 @@ class StreamSession:
             ``throw_exception_if_processing_interrupted``). A cancelled chunk leaves the session as
             it was before that chunk: calling ``next_chunk`` again produces the same chunk.
         on_pass: called after every model pass with (pass index, passes per chunk), for progress bars.
+        rope_cache: keep a copy of the window's keys roped at their positions (exact; +50% cache
+            memory) instead of re-roping every key on every pass as the reference does.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class StreamSession:
         batch: int | None = None,
         interrupt: Callable[[], None] | None = None,
         on_pass: Callable[[int, int], None] | None = None,
+        rope_cache: bool = True,
     ) -> None:
         self.model = model
         self.config = config or StreamConfig()
@@ -79,6 +82,7 @@ class StreamSession:
             self.config,
             self.device,
             self.dtype,
+            rope_cache=rope_cache,
         )
         self.seed = seed
         self._prompt: torch.Tensor

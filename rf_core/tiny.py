@@ -14,17 +14,18 @@ from rf_core.model.dit import WanDiT
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") or name.endswith("norm3.weight"):
-            vals = 1 + 0.1 * torch.randn(p.shape, generator=g)
+            vals = 1 + 0.1 * torch.randn(p.shape, generator=g, device=device)
         elif name.endswith("modulation"):
-            vals = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5
+            vals = torch.randn(p.shape, generator=g, device=device) / p.shape[-1] ** 0.5
         elif p.ndim == 1:
-            vals = 0.02 * torch.randn(p.shape, generator=g)
+            vals = 0.02 * torch.randn(p.shape, generator=g, device=device)
         else:
             fan_in = p[0].numel()
-            vals = torch.randn(p.shape, generator=g) / fan_in**0.5
+            vals = torch.randn(p.shape, generator=g, device=device) / fan_in**0.5
         p.copy_(vals.to(p.dtype))
     return model
 
@@ -44,6 +45,7 @@ def random_model(
     model = model.to_empty(device=device)
     randomize_(model, seed)
     return model.to(dtype).eval().requires_grad_(False)
+
 
 
 def random_prompt(

@@ -70,14 +70,6 @@ class SelfAttention(nn.Module):
         v = self.v(x).view(shape)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, plan: AttentionPlan, layer: int) -> torch.Tensor:
-        q, k, v = self.qkv(x)
-        k_all, v_all = plan.keys_values(layer, k, v)
-        q = apply_rope(q, *plan.rope_q).type_as(v)
-        k_all = apply_rope(k_all, *plan.rope_k).type_as(v)
-        out = attention(q, k_all, v_all, plan.backend, plan.mask)
-        return self.o(out.flatten(2))
-
 
 class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
@@ -116,6 +108,29 @@ class WanBlock(nn.Module):
         )
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def pre_attention(
+        self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Modulation, norm and q/k/v of the self-attention. Returns (q roped, k raw, k roped with
+        the query positions, v). Pure tensor code: this is what ``compile_blocks`` compiles."""
+        frames = e0.shape[1]
+        m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        h = (self.norm1(x).unflatten(1, (frames, -1)) * (1 + m[1]) + m[0]).flatten(1, 2)
+        q, k, v = self.self_attn.qkv(h)
+        return apply_rope(q, cos, sin).type_as(v), k, apply_rope(k, cos, sin).type_as(v), v
+
+    def post_attention(
+        self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        """Output projection and gate, cross-attention, FFN."""
+        frames = e0.shape[1]
+        m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        y = self.self_attn.o(y.flatten(2))
+        x = x + (y.unflatten(1, (frames, -1)) * m[2]).flatten(1, 2)
+        x = x + self.cross_attn(self.norm3(x), (ck, cv), backend)
+        y = self.ffn((self.norm2(x).unflatten(1, (frames, -1)) * (1 + m[4]) + m[3]).flatten(1, 2))
+        return x + (y.unflatten(1, (frames, -1)) * m[5]).flatten(1, 2)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -127,19 +142,12 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """x [B, f*F, dim]; e0 [B, f, 6, dim] per-frame modulation. ``kv_only``: this pass only
         refreshes the cache, so stop after the self-attention keys/values are written."""
-        frames = e0.shape[1]
-        tokens = x.shape[1] // frames
-        m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
-        h = (self.norm1(x).unflatten(1, (frames, tokens)) * (1 + m[1]) + m[0]).flatten(1, 2)
+        q, k, k_roped, v = self.pre_attention(x, e0, *plan.rope_q)
+        keys, values = plan.keys_values(layer, k, k_roped, v)
         if kv_only:
-            _, k, v = self.self_attn.qkv(h)
-            plan.keys_values(layer, k, v)
             return x
-        y = self.self_attn(h, plan, layer)
-        x = x + (y.unflatten(1, (frames, tokens)) * m[2]).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), cross_kv, plan.backend)
-        y = self.ffn((self.norm2(x).unflatten(1, (frames, tokens)) * (1 + m[4]) + m[3]).flatten(1, 2))
-        return x + (y.unflatten(1, (frames, tokens)) * m[5]).flatten(1, 2)
+        y = attention(q, keys, values, plan.backend, plan.mask)
+        return self.post_attention(x, y, e0, cross_kv[0], cross_kv[1], plan.cross_backend)
 
 
 class Head(nn.Module):
@@ -157,20 +165,24 @@ class Head(nn.Module):
 
 
 class AttentionPlan:
-    """Where a forward's self-attention keys come from, and the RoPE tables of queries and keys.
+    """Where a forward's self-attention keys come from, and the RoPE tables of its queries.
 
     The base plan is bidirectional attention over the tokens of the call (teacher/critic, or a
-    masked full-sequence forward); ``rf_core.model.kv_cache.CachePlan`` adds the streaming cache.
+    masked full-sequence forward), so its keys are roped like its queries;
+    ``rf_core.model.kv_cache.CachePlan`` adds the streaming cache.
     """
 
-    def __init__(self, backend: str, rope_q, rope_k, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, backend: str, rope_q, mask: torch.Tensor | None = None, cross_backend: str | None = None) -> None:
         self.backend = backend
+        self.cross_backend = cross_backend or backend
         self.rope_q = rope_q
-        self.rope_k = rope_k
         self.mask = mask
 
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return k, v
+    def keys_values(
+        self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roped keys and values to attend over, given the call's raw and roped keys."""
+        return k_roped, v
 
 
 class WanDiT(nn.Module):
@@ -181,6 +193,7 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         self.attn_backend = check_backend(attn_backend)
         self.gradient_checkpointing = False
+        self.compiled = False
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
@@ -200,6 +213,15 @@ class WanDiT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile the pure-tensor parts of every block (attention and cache writes stay eager,
+        so one compiled graph serves all blocks and all cache positions)."""
+        kwargs.setdefault("dynamic", False)
+        self.compiled = True
+        for blk in self.blocks:
+            blk.pre_attention = torch.compile(blk.pre_attention, **kwargs)
+            blk.post_attention = torch.compile(blk.post_attention, **kwargs)
 
     def set_rope_precision(self, dtype: torch.dtype) -> None:
         """float64 reproduces the reference exactly; float32 is the fast path for bf16 models."""
@@ -276,6 +298,8 @@ class WanDiT(nn.Module):
         """Blocks + head. With ``need_output=False`` (cache refresh) the last block stops after
         writing its keys/values and the head is skipped: their results would be discarded."""
         last = len(self.blocks) - 1
+        # compiled graphs call plain SDPA for the 512-key cross-attention (no backend context manager)
+        plan.cross_backend = "sdpa" if self.compiled else self.attn_backend
         for i, blk in enumerate(self.blocks):
             kv_only = not need_output and i == last
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -302,8 +326,7 @@ class WanDiT(nn.Module):
         b = x.shape[0]
         tokens = self.patchify(x)
         e, e0 = self.time_embed(t.to(x.device), b, grid[0])
-        cos_sin = self.rope.get(0, *grid, x.device)
-        plan = AttentionPlan(self.attn_backend, cos_sin, cos_sin, attn_mask)
+        plan = AttentionPlan(self.attn_backend, self.rope.get(0, *grid, x.device), attn_mask)
         if cross is None:
             cross = self.cross_kv(context)
         return self.run_blocks(tokens, e, e0, cross, plan, grid)

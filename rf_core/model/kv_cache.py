@@ -25,6 +25,7 @@ import torch
 
 from rf_core.config import StreamConfig
 from rf_core.model.dit import AttentionPlan
+from rf_core.model.rope import apply_rope
 
 
 class CacheFullError(RuntimeError):
@@ -42,6 +43,7 @@ class SinkKVCache:
         config: StreamConfig,
         device: torch.device | str,
         dtype: torch.dtype,
+        rope_cache: bool = True,
     ) -> None:
         self.config = config
         self.frame_tokens = frame_tokens
@@ -51,6 +53,9 @@ class SinkKVCache:
         shape = (num_layers, batch, self.capacity * frame_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Keys roped at their current window positions, so a pass ropes only its own keys. Exact:
+        # the same rotation of the same raw keys, redone only when eviction moves frames.
+        self.kr = torch.zeros(shape, device=device, dtype=dtype) if rope_cache else None
         self.reset()
 
     def reset(self) -> None:
@@ -60,10 +65,12 @@ class SinkKVCache:
         # absolute frame index held by each committed slot; None once a sink slot is a blend
         self.frame_ids: list[int | None] = []
         self.next_frame = 0
+        self.roped_frames = 0  # kr is valid for frames [0, roped_frames)
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        bufs = (self.k, self.v) if self.kr is None else (self.k, self.v, self.kr)
+        return sum(b.numel() * b.element_size() for b in bufs)
 
     def _tok(self, frames: int) -> int:
         return frames * self.frame_tokens
@@ -114,6 +121,7 @@ class SinkKVCache:
         self.evicted_total += e
         del self.frame_ids[z : z + e]
         self.frames -= e
+        self.roped_frames = 0
 
     def commit(self) -> None:
         if self.pending is None:
@@ -121,6 +129,8 @@ class SinkKVCache:
         n = self.pending
         self.frame_ids.extend(range(self.next_frame, self.next_frame + n))
         self.next_frame += n
+        if self.roped_frames == self.frames:  # the context pass wrote the slot's roped keys
+            self.roped_frames += n
         self.frames += n
         self.pending = None
 
@@ -132,33 +142,45 @@ class CachePlan(AttentionPlan):
     """Self-attention of frames occupying cache slot [start, end): keys are buffer frames [0, end)
     with positions 0..end-1; queries sit at positions start..end-1.
 
-    Without gradients the pass writes its keys into the slot in place and attends over the buffer
-    (no copies). With gradients (training exit step) nothing is written: the pass attends over a
-    snapshot of the committed prefix concatenated with its own keys, so gradients never leak into
-    other chunks through the buffer and gradient checkpointing recomputes the same values."""
+    Without gradients the pass writes its keys into the slot in place and attends over the buffer.
+    With gradients (training exit step) nothing is written: the pass attends over a snapshot of the
+    committed prefix concatenated with its own keys, so no gradient reaches other chunks through the
+    buffer and gradient checkpointing recomputes the same values."""
 
     def __init__(self, cache: SinkKVCache, slot, rope, rows: int, cols: int, backend: str, device) -> None:
         start, end = slot
-        super().__init__(
-            backend,
-            rope.get(start, end - start, rows, cols, device),
-            rope.get(0, end, rows, cols, device),
-        )
+        super().__init__(backend, rope.get(start, end - start, rows, cols, device))
         self.cache = cache
         self.lo = cache._tok(start)
         self.hi = cache._tok(end)
+        self.prefix_rope = rope.get(0, start, rows, cols, device) if start > 0 else None
         self.grad = torch.is_grad_enabled()
+        layers = range(cache.k.shape[0])
         if self.grad:
-            self.prefix = [
-                (cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone())
-                for i in range(cache.k.shape[0])
-            ]
+            self.prefix = [(cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers]
+        elif cache.kr is not None and cache.roped_frames < start:
+            for i in layers:  # one re-rope of the window per chunk, after eviction moved it
+                cache.kr[i, :, : self.lo] = self._rope_prefix(cache.k[i, :, : self.lo])
+            cache.roped_frames = start
 
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_prefix(self, k: torch.Tensor) -> torch.Tensor:
+        return apply_rope(k, *self.prefix_rope).type_as(k)
+
+    def keys_values(
+        self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.grad:
             pk, pv = self.prefix[layer]
-            return torch.cat([pk, k.to(pk.dtype)], 1), torch.cat([pv, v.to(pv.dtype)], 1)
+            if self.lo == 0:
+                return k_roped, v
+            return torch.cat([self._rope_prefix(pk), k_roped.to(pk.dtype)], 1), torch.cat([pv, v.to(pv.dtype)], 1)
         c = self.cache
         c.k[layer, :, self.lo : self.hi] = k
         c.v[layer, :, self.lo : self.hi] = v
-        return c.k[layer, :, : self.hi], c.v[layer, :, : self.hi]
+        values = c.v[layer, :, : self.hi]
+        if c.kr is not None:
+            c.kr[layer, :, self.lo : self.hi] = k_roped
+            return c.kr[layer, :, : self.hi], values
+        if self.lo == 0:
+            return k_roped, values
+        return torch.cat([self._rope_prefix(c.k[layer, :, : self.lo]), k_roped], 1), values

@@ -1,0 +1,177 @@
+"""Streaming benchmark at full size with random weights (reference-algorithm.md shapes).
+
+Runs the 1.3B student in bf16 at 480x832 for each variant and frame count, and prints one JSON row per
+(variant, frames): end-to-end FPS (text encoding excluded: embeddings are random), DiT-only time,
+decode time, time to first frame, per-chunk latency p50/p99, MFU, peak GPU memory. Median of
+--repeats runs after one warm-up run.
+
+    python benchmarks/stream_bench.py --variants plain,cudnn,fast --frames 21 --frames 120 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rf_core.config import StreamConfig, get_preset  # noqa: E402
+from rf_core.speed import make_fast  # noqa: E402
+from rf_core.stream import StreamSession  # noqa: E402
+from rf_core.tiny import random_model, random_prompt  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def chunk_flops(cfg, frame_tokens: int, chunk_frames: int, key_frames: int, passes: int = 5) -> float:
+    n = frame_tokens * chunk_frames
+    lk = frame_tokens * key_frames
+    d = cfg.dim
+    linear = 2 * n * (6 * d * d + 2 * d * cfg.ffn_dim)
+    attn = 4 * n * lk * d + 4 * n * cfg.text_len * d
+    return passes * cfg.num_layers * (linear + attn)
+
+
+def make_decoder(kind: str, device, dtype):
+    if kind == "none":
+        return None
+    if kind == "wan":
+        from rf_core.vae.stream_decode import WanStreamDecoder
+        from rf_core.vae.wan_vae import WanVAE
+
+        vae = WanVAE().to(device, dtype).eval().requires_grad_(False)
+        return WanStreamDecoder(vae)
+    if kind == "taehv":
+        from rf_core.vae.taehv import TAEHV, TAEHVStreamDecoder
+
+        return TAEHVStreamDecoder(TAEHV().to(device, dtype).eval().requires_grad_(False))
+    raise ValueError(kind)
+
+
+def run_once(model, prompt, latent_hw, frames, config, decoder, sync):
+    chunks = frames // config.chunk_frames
+    times, dit_times = [], []
+    video_frames = 0
+    ttff = None
+    t0 = time.perf_counter()
+    session = StreamSession(model, prompt, latent_hw, config, seed=0)
+    if decoder is not None:
+        decoder.reset()
+    for _ in range(chunks):
+        c0 = time.perf_counter()
+        z = session.next_chunk()
+        sync()
+        c1 = time.perf_counter()
+        if decoder is not None:
+            px = decoder.decode_chunk(z)
+            px = px.cpu()
+            video_frames += px.shape[1]
+        else:
+            video_frames += 9 if video_frames == 0 else 12
+            z.cpu()
+        c2 = time.perf_counter()
+        if ttff is None:
+            ttff = c2 - t0
+        dit_times.append(c1 - c0)
+        times.append(c2 - c0)
+    total = time.perf_counter() - t0
+    return dict(total=total, ttff=ttff, chunk=times, dit=dit_times, video_frames=video_frames)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="plain,cudnn,fast")
+    p.add_argument("--frames", type=int, action="append")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decoder", default="none", choices=["none", "wan", "taehv"])
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--out", default=None)
+    p.add_argument("--check", action="store_true", help="compare each variant's first chunk with plain")
+    args = p.parse_args()
+    frames_list = args.frames or [21]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cfg = get_preset(args.preset)
+    latent_hw = (args.height // 8, args.width // 8)
+    frame_tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    model = random_model(cfg, seed=0, device=device, dtype=dtype)
+    prompt = random_prompt(cfg, tokens=40, seed=0).to(device, dtype)
+    config = StreamConfig()
+    decoder = make_decoder(args.decoder, device, dtype)
+    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    reference_chunk = None
+    rows = []
+    for variant in args.variants.split(","):
+        if variant == "plain":
+            model.attn_backend = "sdpa"
+        elif variant == "cudnn":
+            model.attn_backend = "auto"
+        elif variant == "fast":
+            make_fast(model, attn_backend="auto")
+        elif variant == "fast-max-autotune":
+            make_fast(model, attn_backend="auto", compile_mode="max-autotune-no-cudagraphs")
+        else:
+            raise SystemExit(f"unknown variant {variant}")
+        if args.check:
+            with torch.no_grad():
+                z = StreamSession(model, prompt, latent_hw, config, seed=0).next_chunk()
+            if reference_chunk is None:
+                reference_chunk = z.float()
+            rel = ((z.float() - reference_chunk).norm() / reference_chunk.norm()).item()
+            print(json.dumps(dict(variant=variant, first_chunk_rel_diff_vs_first_variant=rel)), flush=True)
+        for frames in frames_list:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t_warm = time.perf_counter()
+            run_once(model, prompt, latent_hw, frames, config, decoder, sync)
+            warm_s = time.perf_counter() - t_warm
+            runs = [run_once(model, prompt, latent_hw, frames, config, decoder, sync) for _ in range(args.repeats)]
+            best = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
+            chunks = frames // config.chunk_frames
+            flops = sum(
+                chunk_flops(cfg, frame_tokens, 3, min(3 * (c + 1), config.window_frames)) for c in range(chunks)
+            )
+            dit_total = sum(best["dit"])
+            lat = sorted(x for r in runs for x in r["chunk"][3:]) or sorted(best["chunk"])
+            row = dict(
+                variant=variant,
+                decoder=args.decoder,
+                latent_frames=frames,
+                video_frames=best["video_frames"],
+                seconds=best["total"],
+                fps=best["video_frames"] / best["total"],
+                dit_seconds=dit_total,
+                dit_fps=best["video_frames"] / dit_total,
+                decode_seconds=best["total"] - dit_total,
+                ttff_s=best["ttff"],
+                chunk_p50_ms=1000 * statistics.median(lat),
+                chunk_p99_ms=1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                dit_tflops=flops / dit_total / 1e12,
+                mfu=(flops / dit_total / 1e12 / peak) if peak else None,
+                warmup_s=warm_s,
+                all_seconds=[r["total"] for r in runs],
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                gpu=gpu,
+                torch=torch.__version__,
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
