@@ -7,7 +7,7 @@ import sys
 from importlib import import_module
 
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("generate", "convert", "download")
 
 
 def build_parser() -> argparse.ArgumentParser:
