@@ -5,7 +5,15 @@ Each module exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are m
 
 from importlib import import_module
 
-_MODULES: tuple[str, ...] = ()
+_MODULES: tuple[str, ...] = (
+    "loaders",
+    "settings",
+    "generate",
+    "session_nodes",
+    "decode",
+    "prompts",
+    "save_video",
+)
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}

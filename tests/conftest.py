@@ -27,3 +27,43 @@ def load_pack():
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+# ----------------------------------------------------------------------------- node pack fixtures
+@pytest.fixture(scope="session")
+def rf_pack():
+    """The node pack imported as ComfyUI would (package ``rf_pack``), without ComfyUI."""
+    return load_pack()
+
+
+@pytest.fixture(scope="session")
+def rf_model_dir(tmp_path_factory, rf_pack):
+    """A ComfyUI-like models/ folder with tiny synthetic files in the real formats, under the names the
+    example workflows use, registered as the pack's model folders (its fallback outside ComfyUI)."""
+    from safetensors.torch import save_file
+
+    from rf_core.tiny import random_model
+    from rf_core.vae.taehv import TAEHV, TAEHVConfig
+    from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
+
+    root = tmp_path_factory.mktemp("models")
+    g = torch.Generator().manual_seed(7)
+    folders = {}
+    for name in ("diffusion_models", "reward_forcing", "vae", "vae_approx", "loras", "reward_forcing_prompts"):
+        folders[name] = root / name
+        folders[name].mkdir()
+    # Reward Forcing's released layout: one flat dict of "model."-prefixed generator weights.
+    dit = random_model("tiny", seed=0)
+    torch.save({f"model.{k}": v for k, v in dit.state_dict().items()}, folders["diffusion_models"] / "rewardforcing.pt")
+    vae = WanVAE(WanVAEConfig(dim=8))
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # random gains/biases too: all-ones gains hide mistakes
+            if name.endswith("gamma"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folders["vae"] / "wan_2.1_vae.safetensors")
+    torch.save(TAEHV(TAEHVConfig(widths=(8, 8, 8, 8))).state_dict(), folders["vae_approx"] / "taew2_1.pth")
+    for name, path in folders.items():
+        rf_pack.nodes.comfy.set_fallback_folders(name, [path])
+    return root

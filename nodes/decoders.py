@@ -1,0 +1,84 @@
+"""Decoder streams for the nodes: our Wan VAE / TAEHV (RF_DECODER) or ComfyUI's own VAE object.
+
+ComfyUI's ``VAE.decode`` restarts the Wan VAE's causal cache on every call, so decoding chunks one
+by one would lose 3 frames per boundary and flicker. ``ComfyVAEStream`` keeps one feature cache per
+stream and feeds the decoder latent frame by latent frame, as ``WanVAE.decode`` does inside a
+single call, which gives exactly the frames of a whole-video decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rf_core.vae.latent_format import LATENT_CHANNELS, to_comfy_latent
+
+from . import comfy
+from .model_handle import RFDecoder
+
+
+class ComfyVAEStream:
+    def __init__(self, vae) -> None:
+        model = getattr(vae, "first_stage_model", None)
+        channels = getattr(vae, "latent_channels", None)
+        if (
+            channels != LATENT_CHANNELS
+            or getattr(vae, "latent_dim", None) != 3
+            or not hasattr(model, "decoder")
+            or not hasattr(model, "conv2")
+        ):
+            raise ValueError(
+                f"the connected VAE is not a Wan 2.1 video VAE (it has {channels} latent channels, "
+                f"latent_dim {getattr(vae, 'latent_dim', None)}): load wan_2.1_vae.safetensors with Load VAE"
+            )
+        self.vae = vae
+        self._feat: list | None = None
+
+    def reset(self) -> None:
+        self._feat = None
+
+    @torch.no_grad()
+    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        comfy.vae_load(self.vae)
+        model = self.vae.first_stage_model
+        if self._feat is None:
+            self._feat = [None] * _count_causal_convs(model.decoder)
+        raw = to_comfy_latent(z).to(self.vae.device, self.vae.vae_dtype)  # [B, 16, n, h, w]
+        x = model.conv2(raw)
+        # A fresh index list per latent frame: the decoder walks the cache slots from 0 each call.
+        out = torch.cat(
+            [
+                model.decoder(x[:, :, i : i + 1], feat_cache=self._feat, feat_idx=[0])
+                for i in range(x.shape[2])
+            ],
+            dim=2,
+        )
+        return ((out.float().clamp(-1, 1) + 1) / 2).transpose(1, 2)
+
+
+def _count_causal_convs(decoder: torch.nn.Module) -> int:
+    """Cache slots the Wan decoder uses: one per causal 3-D convolution (ComfyUI's count_conv3d)."""
+    return sum(1 for m in decoder.modules() if type(m).__name__ == "CausalConv3d")
+
+
+def decoder_stream(vae=None, decoder: RFDecoder | None = None):
+    """(stream, identity) for the connected decoder, or (None, None) when nothing is connected."""
+    if vae is not None and decoder is not None:
+        raise ValueError("connect either a VAE or a Reward Forcing decoder, not both")
+    if decoder is not None:
+        if not isinstance(decoder, RFDecoder):
+            raise ValueError(
+                f"decoder: expected an RF_DECODER from 'Load Decoder', got {type(decoder).__name__}"
+            )
+        return decoder.new_stream(), decoder.identity
+    if vae is not None:
+        stream = ComfyVAEStream(vae)
+        return stream, ("comfy", _fingerprint(vae.first_stage_model))
+    return None, None
+
+
+def _fingerprint(module: torch.nn.Module) -> tuple:
+    """Identifies a VAE's weights cheaply: ComfyUI hands out a new VAE object whenever Load VAE runs
+    again (e.g. after another workflow), and a session should not re-decode for that."""
+    params = list(module.parameters())
+    picks = (params[0], params[len(params) // 2], params[-1])
+    return (len(params), *(tuple(p.detach().flatten()[:4].float().cpu().tolist()) for p in picks))

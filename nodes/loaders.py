@@ -1,0 +1,247 @@
+"""Nodes that load files: the causal DiT, a LoRA on it, and our streaming decoders."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from rf_core.io.safe_load import CheckpointError
+from rf_core.model.attention import BACKENDS
+from rf_core.vae.weights import CheckpointError as DecoderFileError
+
+from . import comfy
+from .common import CATEGORY
+from .model_handle import Managed, RFDecoder, RFModel
+
+comfy.register_model_folder()
+
+MODEL_FOLDERS = ("diffusion_models", comfy.MODEL_FOLDER)
+DECODER_FOLDERS = ("vae_approx", "vae")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FP8 = "fp8_e4m3fn"
+
+# Loaded files by (path, mtime, options), held weakly: a loader node that runs again (e.g. after
+# another workflow evicted ComfyUI's output cache) gets the very same weights back while anything,
+# such as a live session, still uses them, so nothing is loaded twice and sessions carry on.
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _source(path: str, *options) -> tuple:
+    return (os.path.realpath(path), os.path.getmtime(path), *options)
+
+
+def _auto_dtype(device: torch.device) -> torch.dtype:
+    mm = comfy.module("comfy.model_management")
+    if device.type == "cpu" or mm is None:
+        return torch.float32
+    if mm.should_use_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def _pick_device(placement: str) -> tuple[torch.device, torch.device, bool]:
+    """(compute device, device the weights wait on, managed by ComfyUI?)"""
+    if placement == "cpu":
+        cpu = torch.device("cpu")
+        return cpu, cpu, False
+    return comfy.torch_device(), comfy.offload_device(), True
+
+
+class RewardForcingLoadModel:
+    DESCRIPTION = "Load a causal Wan2.1 text-to-video student (Reward Forcing, Self-Forcing, LongLive...)."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("RF_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The streaming model, for Stream Generate / Stream Session.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (
+                    comfy.filename_list(*MODEL_FOLDERS),
+                    {
+                        "tooltip": "Checkpoint from models/diffusion_models or models/reward_forcing "
+                        "(e.g. rewardforcing.pt, a Self-Forcing .pt, or a Wan .safetensors)."
+                    },
+                ),
+                "dtype": (
+                    ["auto", "bf16", "fp16", "fp32", FP8],
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto: bf16 where the GPU supports it, else fp16; fp32 on "
+                        "CPU. fp8_e4m3fn stores the block weights in 8 bits (half the memory) and computes in bf16.",
+                    },
+                ),
+                "attention": (
+                    list(BACKENDS),
+                    {
+                        "default": "auto",
+                        "tooltip": "Attention kernel. auto: FlashAttention 3/2 when installed, else PyTorch SDPA.",
+                    },
+                ),
+                "placement": (
+                    ["auto", "cpu"],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: ComfyUI moves the model to the GPU when it runs and offloads it when "
+                        "other models need the memory. cpu: keep and run it on the CPU (slow; for testing).",
+                    },
+                ),
+            }
+        }
+
+    def load(self, model_name: str, dtype: str = "auto", attention: str = "auto", placement: str = "auto"):
+        from rf_core.io.checkpoints import load_dit
+
+        path = comfy.full_path(MODEL_FOLDERS, model_name)
+        source = _source(path, "dit", dtype, attention, placement)
+        cached = _LOADED.get(source)
+        if cached is not None:
+            return (cached,)
+        compute, wait_on, managed = _pick_device(placement)
+        if dtype == "auto":
+            weight_dtype = _auto_dtype(compute)
+        elif dtype == FP8:
+            weight_dtype = torch.bfloat16 if compute.type != "cpu" else torch.float32
+        else:
+            weight_dtype = DTYPES[dtype]
+        try:
+            dit = load_dit(path, device=wait_on, dtype=weight_dtype, attn_backend=attention)
+        except CheckpointError as err:
+            raise ValueError(
+                f"{model_name} is not a Wan2.1 text-to-video diffusion model Reward Forcing can load "
+                f"(pick the causal student, not a VAE, text encoder or LoRA): {err}"
+            ) from err
+        if dtype == FP8:
+            from .fp8 import store_linears_fp8
+
+            store_linears_fp8(dit)
+        handle = RFModel(Managed.wrap(dit, managed), model_name, source)
+        _LOADED[source] = handle
+        return (handle,)
+
+
+class RewardForcingLoRA:
+    DESCRIPTION = "Apply a LoRA to a Reward Forcing model (the loaded model itself is not changed)."
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("RF_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("RF_MODEL", {"tooltip": "Model from Load Model (or another LoRA node)."}),
+                "lora_name": (
+                    comfy.filename_list("loras"),
+                    {"tooltip": "LoRA file from models/loras (PEFT, kohya or ComfyUI key names for Wan)."},
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "Scale of the LoRA update; 0 leaves the model as it is.",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, model: RFModel, lora_name: str, strength: float = 1.0):
+        from rf_core.lora import load_lora
+
+        if not isinstance(model, RFModel):
+            raise ValueError(f"model: expected an RF_MODEL from Load Model, got {type(model).__name__}")
+        path = comfy.full_path(("loras",), lora_name)
+        try:
+            lora = load_lora(path)
+        except CheckpointError as err:
+            raise ValueError(f"{lora_name} is not a LoRA for a Wan2.1 DiT: {err}") from err
+        return (model.with_lora(lora, lora_name, strength),)
+
+
+class RewardForcingLoadDecoder:
+    DESCRIPTION = (
+        "Load a streaming video decoder: the Wan 2.1 VAE (exact, slower) or TAEHV (taew2_1, tiny and fast). "
+        "For ComfyUI's own VAE object use Load VAE instead; both plug into the generators."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("RF_DECODER",)
+    RETURN_NAMES = ("decoder",)
+    OUTPUT_TOOLTIPS = ("Decoder for Stream Generate / Stream Session / Decode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "decoder_name": (
+                    comfy.filename_list(*DECODER_FOLDERS),
+                    {"tooltip": "taew2_1.pth (models/vae_approx) or wan_2.1_vae.safetensors (models/vae)."},
+                ),
+                "dtype": (
+                    ["auto", "bf16", "fp16", "fp32"],
+                    {
+                        "default": "auto",
+                        "tooltip": "Decoder precision. auto: ComfyUI's VAE precision; fp32 on CPU.",
+                    },
+                ),
+            }
+        }
+
+    def load(self, decoder_name: str, dtype: str = "auto"):
+        from rf_core.vae.taehv import taehv_from_state_dict
+        from rf_core.vae.wan_vae import wan_vae_from_state_dict
+        from rf_core.vae.weights import read_state_dict
+
+        path = comfy.full_path(DECODER_FOLDERS, decoder_name)
+        source = _source(path, "decoder", dtype)
+        cached = _LOADED.get(source)
+        if cached is not None:
+            return (cached,)
+        device = comfy.torch_device()
+        mm = comfy.module("comfy.model_management")
+        if dtype != "auto":
+            weight_dtype = DTYPES[dtype]
+        elif mm is not None and device.type != "cpu":
+            weight_dtype = mm.vae_dtype(device, [torch.bfloat16, torch.float16, torch.float32])
+        else:
+            weight_dtype = torch.float32
+        wait_on = mm.vae_offload_device() if mm is not None else device
+        try:
+            sd = read_state_dict(path, device=wait_on, dtype=weight_dtype)
+            if "decoder.head.2.weight" in sd:
+                kind, module = "wan", wan_vae_from_state_dict(sd, source=decoder_name)
+            elif "decoder.1.weight" in sd:
+                decoder_sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
+                kind, module = "taehv", taehv_from_state_dict(decoder_sd, source=decoder_name)
+            else:
+                raise DecoderFileError(
+                    f"{decoder_name}: neither a Wan 2.1 VAE (no decoder.head.2.weight) nor a TAEHV decoder "
+                    f"(no decoder.1.weight)"
+                )
+        except (CheckpointError, DecoderFileError) as err:
+            raise ValueError(f"{decoder_name} is not a Wan 2.1 VAE or TAEHV file: {err}") from err
+        handle = RFDecoder(Managed.wrap(module, mm is not None), kind, decoder_name, source)
+        _LOADED[source] = handle
+        return (handle,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "RewardForcingLoadModel": RewardForcingLoadModel,
+    "RewardForcingLoRA": RewardForcingLoRA,
+    "RewardForcingLoadDecoder": RewardForcingLoadDecoder,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RewardForcingLoadModel": "Reward Forcing: Load Model",
+    "RewardForcingLoRA": "Reward Forcing: LoRA",
+    "RewardForcingLoadDecoder": "Reward Forcing: Load Decoder",
+}

@@ -1,0 +1,242 @@
+"""Stream Session: an interactive stream that every queue run continues by a few chunks, and its free node."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rf_core.config import StreamConfig
+from rf_core.stream import StreamSession
+from rf_core.vae.latent_format import to_comfy_latent
+
+from . import comfy
+from .common import (
+    CATEGORY,
+    check_size,
+    latent_hw,
+    seed_widget,
+    size_widget,
+    steps_widget,
+    stream_state_bytes,
+)
+from .conditioning import prompt_embeds
+from .decoders import decoder_stream
+from .generate import check_model, stream_config
+from .sessions import REGISTRY, Session
+from .stream_record import StreamRecord
+
+log = logging.getLogger("reward_forcing")
+
+OUTPUT_CHOICES = ("new frames", "whole video")
+
+
+class RewardForcingStreamSession:
+    DESCRIPTION = (
+        "An interactive stream: each queue run continues the same video by a few chunks with the prompt "
+        "connected now (change the prompt between runs to steer it). State is kept per session id, also "
+        "while other workflows run; use Free Session (or reset) when done."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("images", "latent")
+    OUTPUT_TOOLTIPS = (
+        "Frames of this run (or of the whole video so far, see output): decoded with a VAE/decoder, else a "
+        "rough preview per latent frame.",
+        "Wan 2.1 latent [B, 16, T, H/8, W/8] (raw VAE space) of the same frames.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("RF_MODEL", {"tooltip": "Model from Reward Forcing: Load Model (or LoRA)."}),
+                "positive": (
+                    "CONDITIONING",
+                    {
+                        "tooltip": "The prompt for this run's chunks; a new prompt steers the stream from here on."
+                    },
+                ),
+                "session_id": (
+                    "STRING",
+                    {
+                        "default": "stream-1",
+                        "tooltip": "Name of the stream; runs with the same id continue it.",
+                    },
+                ),
+                "chunks": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": 1000,
+                        "tooltip": "Chunks to add per run (one chunk = 3 latent frames = 12 video frames = 0.75 s).",
+                    },
+                ),
+                "width": size_widget(832, "width"),
+                "height": size_widget(480, "height"),
+                "seed": seed_widget("Noise seed, used when the session starts or is reset."),
+                "steps": steps_widget(),
+                "recache": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "On a prompt change, re-encode the recent frames under the new prompt "
+                        "(LongLive-style, smoother switch); off: only new chunks see the new prompt.",
+                    },
+                ),
+                "reset": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Start the stream over (turn off again to keep continuing).",
+                    },
+                ),
+                "output": (
+                    list(OUTPUT_CHOICES),
+                    {
+                        "default": OUTPUT_CHOICES[0],
+                        "tooltip": "Return this run's new frames or the whole video so far.",
+                    },
+                ),
+            },
+            "optional": {
+                "settings": (
+                    "RF_STREAM_CONFIG",
+                    {"tooltip": "EMA-Sink settings (default: Reward Forcing's)."},
+                ),
+                "vae": (
+                    "VAE",
+                    {"tooltip": "ComfyUI Wan 2.1 VAE: frames decoded exactly and seamlessly across runs."},
+                ),
+                "decoder": ("RF_DECODER", {"tooltip": "Our decoder (Load Decoder), e.g. TAEHV for speed."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **_widgets):
+        return float("nan")  # every queue run continues the stream, even with unchanged inputs
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, session_id=None):
+        error = check_size(width, height)
+        if error:
+            return error
+        if session_id is not None and not session_id.strip():
+            return "session_id is empty: give the stream a name such as 'stream-1'"
+        return True
+
+    def run(
+        self,
+        model,
+        positive,
+        session_id: str,
+        chunks: int,
+        width: int,
+        height: int,
+        seed: int,
+        steps: int,
+        recache: bool = True,
+        reset: bool = False,
+        output: str = OUTPUT_CHOICES[0],
+        settings: StreamConfig | None = None,
+        vae=None,
+        decoder=None,
+        unique_id: str | None = None,
+    ):
+        model = check_model(model)
+        config = stream_config(settings, steps)
+        hw = latent_hw(width, height)
+        if chunks < 1:
+            raise ValueError(f"chunks must be at least 1, got {chunks}")
+        if output not in OUTPUT_CHOICES:
+            raise ValueError(f"output must be one of {OUTPUT_CHOICES}, got {output!r}")
+        embeds = prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len)
+        decode, decoder_key = decoder_stream(vae, decoder)
+        batch = embeds.shape[0]
+        settings_key = (model.identity, hw, config, batch)
+        dit = model.acquire(stream_state_bytes(model.cfg, config, hw, batch, model.dit.dtype))
+
+        session = REGISTRY.get(session_id)
+        if session is not None and not reset and session.settings != settings_key:
+            log.warning(
+                "Reward Forcing session %r: model, size or stream settings changed; starting over", session_id
+            )
+            comfy.progress_text("settings changed: new stream", unique_id)
+            reset = True
+        if session is None or reset:
+            REGISTRY.free(session_id)  # let the old state go before the new one is allocated
+            session = None
+            stream = StreamSession(dit, embeds, hw, config, seed=seed)
+            session = Session(
+                session_id, StreamRecord(stream, decode, torch.uint8), settings_key, decoder_key, embeds
+            )
+            REGISTRY.put(session)
+        else:
+            stream = session.record.stream
+            if decoder_key != session.decoder_key:
+                session.record.set_decoder(decode)  # frames so far are decoded again by the new decoder
+                session.decoder_key = decoder_key
+        session.model = model  # keeps the loaded weights alive (and shared) while the session lives
+        stream.interrupt = comfy.interrupt_check()
+        if not torch.equal(embeds, session.prompt):
+            stream.set_prompt(embeds, recache=recache)
+            session.prompt = embeds  # only once the switch (and re-cache) went through
+
+        record = session.record
+        first = record.chunks
+        progress = comfy.Progress(chunks * record.passes_per_chunk(), unique_id)
+        record.decode_pending()  # chunks a failed decode left without frames
+        record.advance(chunks, progress)
+        REGISTRY.enforce_cap(keep=session_id)
+        comfy.progress_text(
+            f"{session_id}: {record.chunks} chunks, {sum(record.frame_chunks)} frames", unique_id
+        )
+
+        start = first if output == OUTPUT_CHOICES[0] else 0
+        out = comfy.intermediate_device()
+        latent = {"samples": to_comfy_latent(record.latent(start)).to(out)}
+        return (record.images(start).to(out), latent)
+
+
+class RewardForcingFreeSession:
+    DESCRIPTION = "Free a stream session's memory (KV cache, frames so far), or all sessions."
+    CATEGORY = CATEGORY
+    FUNCTION = "free"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "session_id": ("STRING", {"default": "stream-1", "tooltip": "The session to free."}),
+                "all_sessions": ("BOOLEAN", {"default": False, "tooltip": "Free every session instead."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **_widgets):
+        return float("nan")
+
+    def free(self, session_id: str, all_sessions: bool = False):
+        if all_sessions:
+            text = f"freed {REGISTRY.free_all()} sessions"
+        elif REGISTRY.free(session_id):
+            text = f"freed session {session_id!r}"
+        else:
+            text = f"no session {session_id!r} (open: {', '.join(REGISTRY.ids()) or 'none'})"
+        comfy.empty_cache()
+        return {"ui": {"text": [text]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "RewardForcingStreamSession": RewardForcingStreamSession,
+    "RewardForcingFreeSession": RewardForcingFreeSession,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "RewardForcingStreamSession": "Reward Forcing: Stream Session",
+    "RewardForcingFreeSession": "Reward Forcing: Free Session",
+}

@@ -1,0 +1,131 @@
+"""A stream together with everything it produced: the engine session, its latents and decoded frames.
+
+Stream Generate uses one for a single run; Stream Session keeps one per session id across queue runs.
+
+Consistency under Cancel: a chunk becomes part of the record only once ``StreamSession.next_chunk``
+returned it (a cancelled chunk leaves the engine as it was, so the next run redoes that chunk).
+Decoding is never interrupted half-way; if it fails anyway, the decoder is restarted and every
+stored latent is decoded again on the next call, which reproduces the same frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from rf_core.stream import StreamSession
+
+from .comfy import Progress
+from .previews import latent_rgb
+
+
+class StreamDecoder(Protocol):
+    """What the record needs from a decoder (rf_core's Wan VAE / TAEHV streams, or ComfyUI's VAE)."""
+
+    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        """Model-space latents [B, n, 16, h, w] -> frames [B, F, 3, H, W] in [0, 1]; continues the
+        previous call's video."""
+
+    def reset(self) -> None: ...
+
+
+FrameSink = Callable[[torch.Tensor], None]  # receives each decoded chunk as [B, F, H, W, 3] in [0, 1]
+
+
+class StreamRecord:
+    """``frame_dtype``: torch.float32 keeps decoded frames exact (one-shot generation);
+    torch.uint8 keeps long interactive sessions at a quarter of the memory."""
+
+    def __init__(
+        self,
+        stream: StreamSession,
+        decoder: StreamDecoder | None = None,
+        frame_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.stream = stream
+        self.decoder = decoder
+        self.frame_dtype = frame_dtype
+        self.latents: list[torch.Tensor] = []  # model space, CPU float32, one [B, n, 16, h, w] per chunk
+        self.frames: list[torch.Tensor] = []  # CPU [B, F, H, W, 3], one per decoded chunk
+        self.frame_chunks: list[int] = []  # number of frames each decoded chunk gave
+
+    # ------------------------------------------------------------------ generation
+    @property
+    def chunks(self) -> int:
+        return len(self.latents)
+
+    def passes_per_chunk(self) -> int:
+        return len(self.stream.timesteps) + 1
+
+    def advance(self, n_chunks: int, progress: Progress | None = None, sink: FrameSink | None = None) -> None:
+        """Generate ``n_chunks`` more chunks, decode each as it arrives and hand its frames to ``sink``.
+        ``progress`` counts model passes from 0 to n_chunks * passes_per_chunk."""
+        per = self.passes_per_chunk()
+        for i in range(n_chunks):
+            if progress is not None:
+                self.stream.on_pass = lambda p, _n, i=i: progress.update(i * per + p + 1)
+            z = self.stream.next_chunk()
+            self.latents.append(z.detach().to("cpu", torch.float32))
+            new = self.decode_pending(sink)
+            if progress is not None:
+                if new is not None:
+                    preview = new[0, -1]
+                else:
+                    preview = latent_rgb(self.latents[-1][:, -1:])[0, 0].permute(1, 2, 0)
+                progress.update((i + 1) * per, preview)
+        self.stream.on_pass = None
+
+    def decode_pending(self, sink: FrameSink | None = None) -> torch.Tensor | None:
+        """Decode stored chunks that have no frames yet; returns the last chunk's frames [B, F, H, W, 3]."""
+        if self.decoder is None:
+            return None
+        last = None
+        try:
+            while len(self.frames) < len(self.latents):
+                z = self.latents[len(self.frames)]
+                rgb = self.decoder.decode_chunk(z)
+                last = rgb.detach().permute(0, 1, 3, 4, 2).to("cpu", torch.float32)
+                if sink is not None:
+                    sink(last)
+                self.frames.append(_store(last, self.frame_dtype))
+                self.frame_chunks.append(last.shape[1])
+        except BaseException:
+            self.set_decoder(self.decoder)  # decoder state is unknown now: decode everything again later
+            raise
+        return last
+
+    def set_decoder(self, decoder: StreamDecoder | None) -> None:
+        """Switch decoders; frames decoded so far are dropped and redone from the stored latents."""
+        self.decoder = decoder
+        if decoder is not None:
+            decoder.reset()
+        self.frames.clear()
+        self.frame_chunks.clear()
+
+    # ------------------------------------------------------------------ outputs
+    def latent(self, first_chunk: int = 0) -> torch.Tensor:
+        """Model-space latents of chunks ``first_chunk``.. as [B, T, 16, h, w]."""
+        return torch.cat(self.latents[first_chunk:], dim=1)
+
+    def images(self, first_chunk: int = 0) -> torch.Tensor:
+        """Frames of chunks ``first_chunk``.. as a ComfyUI IMAGE [B * F, H, W, 3] float32 in [0, 1]:
+        decoded frames, or one rough latent-RGB preview per latent frame without a decoder."""
+        if self.decoder is None:
+            rgb = latent_rgb(self.latent(first_chunk))
+            return rgb.permute(0, 1, 3, 4, 2).flatten(0, 1).contiguous()
+        frames = torch.cat(self.frames[first_chunk:], dim=1)
+        if frames.dtype == torch.uint8:
+            frames = frames.float() / 255.0
+        return frames.flatten(0, 1).contiguous()
+
+    def nbytes(self) -> int:
+        stored = sum(t.numel() * t.element_size() for t in (*self.latents, *self.frames))
+        return stored + self.stream.state_nbytes()
+
+
+def _store(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.uint8:
+        return torch.floor(frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+    return frames.to(dtype)
