@@ -38,7 +38,9 @@ def chunk_flops(cfg, frame_tokens: int, chunk_frames: int, key_frames: int, pass
     return passes * cfg.num_layers * (linear + attn)
 
 
-def make_decoder(kind: str, device, dtype):
+def make_decoder(kind: str, device, dtype, compile_decoder: bool):
+    from rf_core.pipeline import AsyncDecoder
+
     if kind == "none":
         return None
     if kind == "wan":
@@ -46,15 +48,23 @@ def make_decoder(kind: str, device, dtype):
         from rf_core.vae.wan_vae import WanVAE
 
         vae = WanVAE().to(device, dtype).eval().requires_grad_(False)
-        return WanStreamDecoder(vae)
+        if compile_decoder:
+            vae.use_channels_last()
+            vae.decoder.compile()
+        return AsyncDecoder(WanStreamDecoder(vae), device)
     if kind == "taehv":
-        from rf_core.vae.taehv import TAEHV, TAEHVStreamDecoder
+        from rf_core.vae.stream_decode import TAEHVStreamDecoder
+        from rf_core.vae.taehv import TAEHV
 
-        return TAEHVStreamDecoder(TAEHV().to(device, dtype).eval().requires_grad_(False))
+        return AsyncDecoder(
+            TAEHVStreamDecoder(TAEHV().to(device, dtype).eval().requires_grad_(False)), device
+        )
     raise ValueError(kind)
 
 
-def run_once(model, prompt, latent_hw, frames, config, decoder, sync):
+def run_once(model, prompt, latent_hw, frames, config, decoder, sync, overlap):
+    """One stream. With a decoder, frames are decoded through AsyncDecoder (on a side stream when
+    ``overlap``, else waited for right away); times are taken when each chunk's frames are on the host."""
     chunks = frames // config.chunk_frames
     times, dit_times = [], []
     video_frames = 0
@@ -63,23 +73,34 @@ def run_once(model, prompt, latent_hw, frames, config, decoder, sync):
     session = StreamSession(model, prompt, latent_hw, config, seed=0)
     if decoder is not None:
         decoder.reset()
-    for _ in range(chunks):
+    last = t0
+
+    def got(n):
+        nonlocal video_frames, ttff, last
+        now = time.perf_counter()
+        video_frames += n
+        if ttff is None:
+            ttff = now - t0
+        times.append(now - last)
+        last = now
+
+    for c in range(chunks):
         c0 = time.perf_counter()
         z = session.next_chunk()
-        sync()
-        c1 = time.perf_counter()
-        if decoder is not None:
-            px = decoder.decode_chunk(z)
-            px = px.cpu()
-            video_frames += px.shape[1]
-        else:
-            video_frames += 9 if video_frames == 0 else 12
+        if decoder is None:
             z.cpu()
-        c2 = time.perf_counter()
-        if ttff is None:
-            ttff = c2 - t0
-        dit_times.append(c1 - c0)
-        times.append(c2 - c0)
+            dit_times.append(time.perf_counter() - c0)
+            got(9 if c == 0 else 12)
+            continue
+        if not overlap:
+            sync()
+            dit_times.append(time.perf_counter() - c0)
+        decoder.submit(z)
+        if not overlap or c > 0:
+            got(decoder.result().shape[1])
+    if decoder is not None:
+        for f in decoder.drain():
+            got(f.shape[1])
     total = time.perf_counter() - t0
     return dict(total=total, ttff=ttff, chunk=times, dit=dit_times, video_frames=video_frames)
 
@@ -89,12 +110,19 @@ def main() -> None:
     p.add_argument("--variants", default="plain,cudnn,fast")
     p.add_argument("--frames", type=int, action="append")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decoder", default="none", choices=["none", "wan", "taehv"])
+    p.add_argument("--decoder", default="none", help="comma list of none, wan, taehv")
+    p.add_argument("--overlap", action="store_true", help="decode on a side stream while the DiT runs")
+    p.add_argument(
+        "--compile-decoder", action="store_true", help="channels_last + torch.compile the Wan decoder"
+    )
     p.add_argument("--preset", default="wan2.1-t2v-1.3b")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--out", default=None)
     p.add_argument("--check", action="store_true", help="compare each variant's first chunk with plain")
+    p.add_argument(
+        "--profile", action="store_true", help="print the top GPU kernels of one steady-state chunk"
+    )
     args = p.parse_args()
     frames_list = args.frames or [21]
     cuda = torch.cuda.is_available()
@@ -109,7 +137,7 @@ def main() -> None:
     model = random_model(cfg, seed=0, device=device, dtype=dtype)
     prompt = random_prompt(cfg, tokens=40, seed=0).to(device, dtype)
     config = StreamConfig()
-    decoder = make_decoder(args.decoder, device, dtype)
+    decoders = {k: make_decoder(k, device, dtype, args.compile_decoder) for k in args.decoder.split(",")}
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     reference_chunk = None
@@ -132,23 +160,29 @@ def main() -> None:
                 reference_chunk = z.float()
             rel = ((z.float() - reference_chunk).norm() / reference_chunk.norm()).item()
             print(json.dumps(dict(variant=variant, first_chunk_rel_diff_vs_first_variant=rel)), flush=True)
-        for frames in frames_list:
+        for (dname, decoder), frames in [(d, f) for d in decoders.items() for f in frames_list]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t_warm = time.perf_counter()
-            run_once(model, prompt, latent_hw, frames, config, decoder, sync)
+            run_once(model, prompt, latent_hw, frames, config, decoder, sync, args.overlap)
             warm_s = time.perf_counter() - t_warm
-            runs = [run_once(model, prompt, latent_hw, frames, config, decoder, sync) for _ in range(args.repeats)]
+            runs = [
+                run_once(model, prompt, latent_hw, frames, config, decoder, sync, args.overlap)
+                for _ in range(args.repeats)
+            ]
             best = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
             chunks = frames // config.chunk_frames
             flops = sum(
-                chunk_flops(cfg, frame_tokens, 3, min(3 * (c + 1), config.window_frames)) for c in range(chunks)
+                chunk_flops(cfg, frame_tokens, 3, min(3 * (c + 1), config.window_frames))
+                for c in range(chunks)
             )
-            dit_total = sum(best["dit"])
+            dit_total = sum(best["dit"]) or float("nan")
             lat = sorted(x for r in runs for x in r["chunk"][3:]) or sorted(best["chunk"])
             row = dict(
                 variant=variant,
-                decoder=args.decoder,
+                decoder=dname
+                + ("+compile" if args.compile_decoder and dname == "wan" else "")
+                + ("+overlap" if args.overlap else ""),
                 latent_frames=frames,
                 video_frames=best["video_frames"],
                 seconds=best["total"],
@@ -169,8 +203,26 @@ def main() -> None:
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
+        if args.profile:
+            profile_chunk(model, prompt, latent_hw, config)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def profile_chunk(model, prompt, latent_hw, config) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    s = StreamSession(model, prompt, latent_hw, config, seed=0)
+    for _ in range(4):
+        s.next_chunk()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s.next_chunk()
+        torch.cuda.synchronize()
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

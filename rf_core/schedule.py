@@ -37,17 +37,20 @@ class FlowSchedule:
         idx = (self.timesteps[None, :] - t.reshape(-1, 1).cpu()).abs().argmin(dim=1)
         return self.sigmas[idx].reshape(t.shape)
 
+    def sigma_value(self, t: float) -> float:
+        """Nearest-entry sigma of one timestep as a Python float (exactly the float32 table value).
+        Python scalars keep the sampler free of host-to-device copies, which would sync the GPU."""
+        return float(self.sigma(float(t)))
+
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
-        """(1 - sigma) x0 + sigma eps in float32 (a 0-d sigma promotes like the reference), cast to eps's dtype."""
-        s = self.sigma(t).to(x0.device)
+        """(1 - sigma) x0 + sigma eps in float32 like the reference, cast to eps's dtype."""
+        s = self.sigma_value(t)
         return ((1 - s) * x0.float() + s * eps.float()).to(eps.dtype)
 
     def x0_from_flow(self, v: torch.Tensor, xt: torch.Tensor, t: float) -> torch.Tensor:
         """x0 = x_t - sigma v, computed in float64 and cast back to v's dtype."""
-        s = self.sigma(t).double().to(v.device)
-        return (xt.double() - s * v.double()).to(v.dtype)
+        return (xt.double() - self.sigma_value(t) * v.double()).to(v.dtype)
 
     def flow_from_x0(self, x0: torch.Tensor, xt: torch.Tensor, t: float) -> torch.Tensor:
         """v = (x_t - x0) / sigma in float64, cast back to x0's dtype."""
-        s = self.sigma(t).double().to(x0.device)
-        return ((xt.double() - x0.double()) / s).to(x0.dtype)
+        return ((xt.double() - x0.double()) / self.sigma_value(t)).to(x0.dtype)

@@ -163,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from rf_core.io.video import Mp4Writer, PngSequenceWriter
+    from rf_core.pipeline import AsyncDecoder
     from rf_core.stream import StreamSession
     from rf_core.timeline import build_timeline, latent_frames_for
 
@@ -212,15 +213,23 @@ def run(args: argparse.Namespace) -> int:
     writer = PngSequenceWriter(out) if args.png else Mp4Writer(out, fps=args.fps)
     written = 0
     start = time.perf_counter()
+    decoder = AsyncDecoder(decoder, device)  # decodes chunk c while the DiT makes chunk c + 1
+
+    def write(frames: torch.Tensor) -> None:
+        nonlocal written
+        writer.write(frames[0])  # uint8 [F, H, W, 3]
+        written += frames.shape[1]
+        bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}")
+        bar.update()
+
     with writer, tqdm(total=chunks, unit="chunk", desc="generate") as bar:
         for c in range(chunks):
             if c in cues and c > 0:
                 session.set_prompt(cues[c], recache=args.recache)
-            z = session.next_chunk()
-            frames = decoder.decode_chunk(z)[0]  # [F, 3, H, W] in [0, 1]
-            writer.write(frames.permute(0, 2, 3, 1).float().cpu())
-            written += frames.shape[0]
-            bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}")
-            bar.update()
+            decoder.submit(session.next_chunk())
+            if c > 0:
+                write(decoder.result())
+        for frames in decoder.drain():
+            write(frames)
     print(f"wrote {written} frames ({width}x{height}, {args.fps:g} fps) to {out}", file=sys.stderr)
     return 0
