@@ -36,6 +36,11 @@ class ComfyVAEStream:
     def reset(self) -> None:
         self._feat = None
 
+    def rebind(self, other: ComfyVAEStream) -> None:
+        """Continue with another VAE object holding the same weights (ComfyUI makes a new one each time
+        Load VAE runs again), so the old object can be freed; the feature cache carries over."""
+        self.vae = other.vae
+
     @torch.no_grad()
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         comfy.vae_load(self.vae)

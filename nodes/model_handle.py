@@ -118,7 +118,7 @@ class RFDecoder:
         from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
 
         stream_cls = WanStreamDecoder if self.kind == "wan" else TAEHVStreamDecoder
-        return _AcquiringStream(self.managed, stream_cls(self.managed.module))
+        return _AcquiringStream(self, stream_cls(self.managed.module))
 
     @property
     def identity(self) -> tuple:
@@ -126,10 +126,12 @@ class RFDecoder:
 
 
 class _AcquiringStream:
-    """A decoder stream that makes sure its weights are on the device and the input matches them."""
+    """A decoder stream that makes sure its weights are on the device and the input matches them.
+    It holds the RF_DECODER handle, which keeps the loaded file shared while the stream lives."""
 
-    def __init__(self, managed: Managed, stream) -> None:
-        self.managed = managed
+    def __init__(self, handle: RFDecoder, stream) -> None:
+        self.handle = handle
+        self.managed = handle.managed
         self.stream = stream
 
     def reset(self) -> None:

@@ -179,6 +179,8 @@ class RewardForcingStreamSession:
             if decoder_key != session.decoder_key:
                 session.record.set_decoder(decode)  # frames so far are decoded again by the new decoder
                 session.decoder_key = decoder_key
+            elif hasattr(session.record.decoder, "rebind"):
+                session.record.decoder.rebind(decode)
         session.model = model  # keeps the loaded weights alive (and shared) while the session lives
         stream.interrupt = comfy.interrupt_check()
         if not torch.equal(embeds, session.prompt):

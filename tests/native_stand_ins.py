@@ -60,16 +60,26 @@ class CLIPTextEncode:
 
 
 class _DecoderLikeComfy(nn.Module):
-    """``decoder(x, feat_cache=list, feat_idx=[0])``: the list's first slot carries the stream state."""
+    """``decoder(x, feat_cache=list, feat_idx=[0])``. ComfyUI's cache is positional (slot i belongs to the
+    i-th causal conv), so a stream can go on with another VAE object holding the same weights. rf_core's
+    cache is keyed by layer objects; the list's first slot keeps it with the layers it belongs to, and
+    hands the state over, layer by layer in order, when another object's decoder continues the stream."""
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
         self.inner = decoder
 
     def forward(self, x, feat_cache=None, feat_idx=(0,)):
+        layers = list(self.inner.modules())
         if feat_cache[0] is None:
-            feat_cache[0] = CausalCache()
-        return self.inner(x, feat_cache[0])
+            feat_cache[0] = (layers, CausalCache())
+        owner, cache = feat_cache[0]
+        if owner is not layers and owner != layers:
+            moved = dict(zip(owner, layers))
+            cache.history = {moved[k]: v for k, v in cache.history.items()}
+            cache.started = {moved[k] for k in cache.started}
+            feat_cache[0] = (layers, cache)
+        return self.inner(x, cache)
 
 
 class _FirstStage(nn.Module):
