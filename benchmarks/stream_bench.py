@@ -27,6 +27,7 @@ from rf_core.stream import StreamSession  # noqa: E402
 from rf_core.tiny import random_model, random_prompt  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+ROPE_CACHE: bool | None = None
 
 
 def chunk_flops(cfg, frame_tokens: int, chunk_frames: int, key_frames: int, passes: int = 5) -> float:
@@ -70,7 +71,7 @@ def run_once(model, prompt, latent_hw, frames, config, decoder, sync, overlap):
     video_frames = 0
     ttff = None
     t0 = time.perf_counter()
-    session = StreamSession(model, prompt, latent_hw, config, seed=0)
+    session = StreamSession(model, prompt, latent_hw, config, seed=0, rope_cache=ROPE_CACHE)
     if decoder is not None:
         decoder.reset()
     last = t0
@@ -96,7 +97,9 @@ def run_once(model, prompt, latent_hw, frames, config, decoder, sync, overlap):
             sync()
             dit_times.append(time.perf_counter() - c0)
         decoder.submit(z)
-        if not overlap or c > 0:
+        if not overlap or c == 0:  # the first chunk's frames right away: time to first frame
+            got(decoder.result().shape[1])
+        elif len(decoder.pending) > 1:
             got(decoder.result().shape[1])
     if decoder is not None:
         for f in decoder.drain():
@@ -125,6 +128,8 @@ def main() -> None:
     )
     args = p.parse_args()
     frames_list = args.frames or [21]
+    global ROPE_CACHE
+    ROPE_CACHE = {"auto": None, "on": True, "off": False}[args.rope_cache]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -179,7 +184,7 @@ def main() -> None:
             dit_total = sum(best["dit"]) or float("nan")
             lat = sorted(x for r in runs for x in r["chunk"][3:]) or sorted(best["chunk"])
             row = dict(
-                variant=variant,
+                variant=variant + {"auto": "", "on": "+ropecache", "off": "-ropecache"}[args.rope_cache],
                 decoder=dname
                 + ("+compile" if args.compile_decoder and dname == "wan" else "")
                 + ("+overlap" if args.overlap else ""),

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             if c in cues and c > 0:
                 session.set_prompt(cues[c], recache=args.recache)
             decoder.submit(session.next_chunk())
-            if c > 0:
+            if c == 0 or len(decoder.pending) > 1:  # first frames at once, then one chunk behind
                 write(decoder.result())
         for frames in decoder.drain():
             write(frames)

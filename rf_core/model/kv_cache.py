@@ -155,6 +155,7 @@ class CachePlan(AttentionPlan):
         self.hi = cache._tok(end)
         self.prefix_rope = rope.get(0, start, rows, cols, device) if start > 0 else None
         self.grad = torch.is_grad_enabled()
+        self.fused = False  # set by the caller when the model runs compiled
         layers = range(cache.k.shape[0])
         if self.grad:
             self.prefix = [(cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers]
@@ -165,6 +166,10 @@ class CachePlan(AttentionPlan):
 
     def _rope_prefix(self, k: torch.Tensor) -> torch.Tensor:
         return apply_rope(k, *self.prefix_rope).type_as(k)
+
+    def _rope_window(self, prefix: torch.Tensor, k_roped: torch.Tensor) -> torch.Tensor:
+        fn = _rope_concat_compiled() if self.fused else _rope_concat
+        return fn(prefix, k_roped, *self.prefix_rope)
 
     def keys_values(
         self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor
@@ -183,4 +188,19 @@ class CachePlan(AttentionPlan):
             return c.kr[layer, :, : self.hi], values
         if self.lo == 0:
             return k_roped, values
-        return torch.cat([self._rope_prefix(c.k[layer, :, : self.lo]), k_roped], 1), values
+        return self._rope_window(c.k[layer, :, : self.lo], k_roped), values
+
+
+def _rope_concat(prefix: torch.Tensor, k_roped: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Window keys for attention: the cached prefix roped at positions 0.. then the pass's own keys."""
+    return torch.cat([apply_rope(prefix, cos, sin).type_as(prefix), k_roped], 1)
+
+
+_COMPILED: list = []
+
+
+def _rope_concat_compiled():
+    """One fused kernel instead of eager RoPE + cat (used when the model is compiled)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_rope_concat, dynamic=False))
+    return _COMPILED[0]
