@@ -52,7 +52,8 @@ def make_decoder(kind: str, device, dtype, compile_decoder: bool):
         if compile_decoder:
             vae.use_channels_last()
             vae.decoder.compile()
-        return AsyncDecoder(WanStreamDecoder(vae), device)
+        # one latent per decoder pass: same frames, a third of the compiled decoder's peak memory
+        return AsyncDecoder(WanStreamDecoder(vae, latents_per_step=1), device)
     if kind == "taehv":
         from rf_core.vae.stream_decode import TAEHVStreamDecoder
         from rf_core.vae.taehv import TAEHV
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="print the top GPU kernels of one steady-state chunk"
     )
+    p.add_argument("--rope-cache", choices=["auto", "on", "off"], default="auto")
     args = p.parse_args()
     frames_list = args.frames or [21]
     global ROPE_CACHE
