@@ -7,7 +7,7 @@ import sys
 from importlib import import_module
 
 # Each module defines ``register(subparsers)`` which adds its parser and sets ``func``.
-COMMANDS: tuple[str, ...] = ("generate", "convert", "download")
+COMMANDS: tuple[str, ...] = ("generate", "convert", "download", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

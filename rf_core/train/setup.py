@@ -1,0 +1,100 @@
+"""Build a Re-DMD trainer from a TrainConfig: models from checkpoint files (or random weights),
+prompts from an embedding file, the reward and the VAE decoder for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rf_core.train.config import TrainConfig
+from rf_core.train.distributed import DistInfo
+from rf_core.train.rewards import build_reward
+from rf_core.train.trainer import Decoder, PromptSet, ReDMDTrainer
+
+
+def load_prompts(path: str, negative_entry: str, text_dim: int, text_len: int) -> PromptSet:
+    """Every entry of an ``rf_core.text`` embedding file is a training prompt except the negative one."""
+    from rf_core.text.embeddings import PromptEmbeddingError, load_prompt_embeddings
+
+    if not path:
+        raise ValueError(
+            "data.prompt_embeddings is empty: give an embedding file (reward-forcing encode ...)"
+        )
+    file = load_prompt_embeddings(path, dim=text_dim, length=text_len, dtype=torch.float32)
+    if negative_entry not in file.entries:
+        raise PromptEmbeddingError(
+            f"{path}: no negative prompt entry {negative_entry!r} (entries: {sorted(file.entries)[:10]})"
+        )
+    names = [n for n in file.entries if n != negative_entry]
+    if not names:
+        raise PromptEmbeddingError(f"{path}: holds only the negative prompt; add training prompts")
+    return PromptSet(
+        embeds=file.batch(names),
+        negative=file[negative_entry].embeds,
+        texts=[file[n].prompt for n in names],
+    )
+
+
+def vae_decoder(vae) -> Decoder:
+    """Frame-major model-space latents → frames [B, T, 3, H, W] in [0, 1] through a Wan VAE."""
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        video = vae.decode(latents.permute(0, 2, 1, 3, 4))  # [B, 3, T, H, W] in [-1, 1]
+        return ((video + 1) / 2).permute(0, 2, 1, 3, 4)
+
+    return decode
+
+
+def build_trainer(
+    config: TrainConfig, dist: DistInfo | None = None, interrupt: Callable[[], None] | None = None
+) -> ReDMDTrainer:
+    m = config.model
+    device = dist.device if dist is not None else torch.device(config.run.device or _default_device())
+    low = device.type == "cuda" and config.run.mixed_precision == "bf16"
+    frozen_dtype = torch.bfloat16 if low else torch.float32
+    if m.random_preset:
+        from rf_core.tiny import random_model, random_prompt
+
+        generator = random_model(m.random_preset, seed=1, attn_backend=m.attn_backend)
+        teacher = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
+        critic = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
+        if config.data.prompt_embeddings:
+            prompts = load_prompts(
+                config.data.prompt_embeddings,
+                config.data.negative_entry,
+                generator.cfg.text_dim,
+                generator.cfg.text_len,
+            )
+        else:
+            prompts = PromptSet(
+                random_prompt(generator.cfg, batch=4, seed=3), random_prompt(generator.cfg, seed=4)[0]
+            )
+    else:
+        from rf_core.io.checkpoints import load_dit
+
+        for name in ("student", "teacher"):
+            if not getattr(m, name):
+                raise ValueError(f"model.{name} is empty: give a checkpoint path (or model.random_preset)")
+        generator = load_dit(m.student, dtype=torch.float32, attn_backend=m.attn_backend)
+        teacher = load_dit(m.teacher, device=device, dtype=frozen_dtype, attn_backend=m.attn_backend)
+        critic_src = {"teacher": m.teacher, "student": m.student}.get(m.critic, m.critic)
+        critic = load_dit(critic_src, dtype=torch.float32, attn_backend=m.attn_backend)
+        prompts = load_prompts(
+            config.data.prompt_embeddings,
+            config.data.negative_entry,
+            generator.cfg.text_dim,
+            generator.cfg.text_len,
+        )
+    decoder = None
+    if m.vae:
+        from rf_core.vae.wan_vae import load_wan_vae
+
+        decoder = vae_decoder(load_wan_vae(m.vae, device=device, dtype=frozen_dtype))
+    reward = build_reward(config.reward.kind, config.reward.options, device=device)
+    return ReDMDTrainer(config, generator, teacher, critic, prompts, reward, decoder, dist, interrupt)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,99 @@
+"""Training rollouts (reference-algorithm.md §9.3) and their cache semantics (§2.7)."""
+
+import pytest
+import torch
+from _train_helpers import LATENT_HW
+
+from rf_core.config import StreamConfig
+from rf_core.tiny import random_model, random_prompt
+from rf_core.train.rollout import make_session, rollout, sample, training_stream_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_training_cache_is_the_reference_training_window():
+    """§2.7: chunk c attends to c0: [c0]; c1: [c0, c1]; c2: [c0, c1, c2]; c >= 3: [raw c0, c(c-1), c],
+    and the sink holds chunk 0's clean keys unchanged (no EMA during training)."""
+    model = random_model("tiny", seed=1)
+    cfg = training_stream_config()
+    session = make_session(model, random_prompt("tiny"), LATENT_HW, cfg, seed=0)
+    sink = None
+    for c in range(6):
+        expected = list(range(3 * c)) if c <= 2 else [0, 1, 2, 3 * c - 3, 3 * c - 2, 3 * c - 1]
+        with torch.no_grad():
+            x0, slot = session.denoise_chunk()
+        assert session.cache.frame_ids == expected, f"chunk {c}"
+        assert slot == (len(expected), len(expected) + 3)
+        session.finish_chunk(x0, slot)
+        tokens = 3 * session.cache.frame_tokens
+        if c == 0:
+            sink = session.cache.k[:, :, :tokens].clone()
+        torch.testing.assert_close(session.cache.k[:, :, :tokens], sink, rtol=0, atol=0)
+
+
+def test_rollout_with_exit_step_equals_a_shorter_sampler():
+    """Exit step e = running steps 0..e of the 4-step schedule, as a sampler configured with those
+    steps does (same warped timesteps, same noise draws)."""
+    model = random_model("tiny", seed=1)
+    prompt = random_prompt("tiny", batch=2)
+    full = training_stream_config()
+    for e, steps in ((0, (1000.0,)), (2, (1000.0, 750.0, 500.0))):
+        with torch.no_grad():
+            out = rollout(model, prompt, LATENT_HW, 6, e, seed=5, config=full, grad=False)
+        ref = sample(
+            model,
+            prompt,
+            LATENT_HW,
+            6,
+            seed=5,
+            config=StreamConfig(sink_policy="static", denoise_steps=steps),
+        )
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_gradients_come_only_from_each_chunks_exit_step():
+    """Cache writes carry no gradient: the gradient of chunk 1's output is the same whether or not
+    chunk 0's exit step was run with gradients."""
+    prompt = random_prompt("tiny")
+    cfg = training_stream_config()
+    grads = []
+    for chunk0_grad in (True, False):
+        model = random_model("tiny", seed=1)
+        model.requires_grad_(True)
+        session = make_session(model, prompt, LATENT_HW, cfg, seed=3)
+        x0, slot = session.denoise_chunk(exit_step=2, grad=chunk0_grad)
+        session.finish_chunk(x0, slot)
+        x1, slot = session.denoise_chunk(exit_step=2, grad=True)
+        assert x0.requires_grad == chunk0_grad and x1.requires_grad
+        x1.square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_rollout_rejects_bad_arguments():
+    model = random_model("tiny", seed=1)
+    with pytest.raises(ValueError, match="multiple of chunk_frames"):
+        rollout(model, random_prompt("tiny"), LATENT_HW, 4, 0, 0, training_stream_config(), grad=False)
+    with pytest.raises(ValueError, match="exit_step 4"):
+        rollout(model, random_prompt("tiny"), LATENT_HW, 3, 4, 0, training_stream_config(), grad=False)
+
+
+def test_bf16_cache_under_autocast_with_float32_weights():
+    """Mixed precision keeps float32 master weights; the cache and noise use the compute dtype."""
+    model = random_model("tiny", seed=1)
+    prompt = random_prompt("tiny")
+    cfg = training_stream_config()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        session = make_session(model, prompt, LATENT_HW, cfg, 0, torch.bfloat16)
+        assert session.cache.k.dtype == torch.bfloat16 and session.dtype == torch.bfloat16
+        out = rollout(model, prompt, LATENT_HW, 6, 3, 0, cfg, grad=False, cache_dtype=torch.bfloat16)
+    ref = rollout(model, prompt, LATENT_HW, 6, 3, 0, cfg, grad=False)
+    assert out.dtype == torch.bfloat16
+    # same noise (drawn in bf16 vs fp32) and maths at lower precision: close, not equal
+    assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
