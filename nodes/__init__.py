@@ -13,6 +13,7 @@ _MODULES: tuple[str, ...] = (
     "decode",
     "prompts",
     "save_video",
+    "live",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}
