@@ -3,7 +3,16 @@
 Each module exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are merged here.
 """
 
+import os
+import sys
 from importlib import import_module
+
+# ComfyUI imports the pack by its file path, so its folder is not on sys.path and ``rf_core`` (next to
+# this package) would not be importable. Append it: appended, it never shadows ComfyUI's own modules
+# (ComfyUI's ``nodes`` module has the same name as this package).
+_PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _PACK_DIR not in sys.path:
+    sys.path.append(_PACK_DIR)
 
 _MODULES: tuple[str, ...] = (
     "loaders",
