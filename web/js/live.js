@@ -270,6 +270,7 @@ class LivePlayer {
       if (this.switchLatency.shown(frame.promptVersion, now) !== null) {
         this.message = "";
         this.root.dataset.switchLatencyMs = String(Math.round(this.switchLatency.last));
+        this.lastStats = 0; // show the new latency right away
       }
     }
     if (now - this.lastStats > STATS_EVERY_MS) {
