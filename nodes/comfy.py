@@ -160,12 +160,18 @@ def intermediate_device() -> torch.device:
     return mm.intermediate_device() if mm is not None else torch.device("cpu")
 
 
-def model_patcher(box: torch.nn.Module, size: int):
-    """A ComfyUI ModelPatcher around ``box`` (weights on the offload device), or None outside ComfyUI."""
+def model_patcher(box: torch.nn.Module, size: int, vae: bool = False):
+    """A ComfyUI ModelPatcher around ``box``, or None outside ComfyUI. ``vae``: place it like ComfyUI
+    places VAEs (``--cpu-vae`` and friends apply)."""
     mp = module("comfy.model_patcher")
     if mp is None:
         return None
-    return mp.ModelPatcher(box, load_device=torch_device(), offload_device=offload_device(), size=size)
+    if vae:
+        mm = module("comfy.model_management")
+        load, offload = mm.vae_device(), mm.vae_offload_device()
+    else:
+        load, offload = torch_device(), offload_device()
+    return mp.ModelPatcher(box, load_device=load, offload_device=offload, size=size)
 
 
 def load_models(patchers: list, memory_required: int = 0) -> None:
@@ -176,12 +182,6 @@ def load_models(patchers: list, memory_required: int = 0) -> None:
         return
     # Plain torch layers cannot be partially loaded (no comfy.ops casting), so load them whole.
     mm.load_models_gpu(patchers, memory_required=memory_required, force_full_load=True)
-
-
-def free_memory(nbytes: int, device: torch.device) -> None:
-    mm = module("comfy.model_management")
-    if mm is not None and device.type != "cpu":
-        mm.free_memory(nbytes, device)
 
 
 def empty_cache() -> None:
@@ -195,11 +195,6 @@ def interrupt_check() -> Callable[[], None] | None:
     """ComfyUI's Cancel check: raises InterruptProcessingException once Cancel was pressed."""
     mm = module("comfy.model_management")
     return mm.throw_exception_if_processing_interrupted if mm is not None else None
-
-
-def is_interrupt(err: BaseException) -> bool:
-    mm = module("comfy.model_management")
-    return mm is not None and isinstance(err, mm.InterruptProcessingException)
 
 
 def delta_patch(delta: Callable[..., torch.Tensor]):
@@ -252,7 +247,8 @@ class Progress:
             return
         image = None
         if preview is not None and self.bar.hook is not None:
-            image = ("JPEG", _to_pil(preview), None)
+            args = getattr(module("comfy.cli_args"), "args", None)
+            image = ("JPEG", _to_pil(preview), getattr(args, "preview_size", 512))
         self.bar.update_absolute(value, self.total, image)
 
 

@@ -9,6 +9,7 @@ from rf_core.config import DiTConfig, StreamConfig
 CATEGORY = "Reward Forcing"
 WAN_FPS = 16.0
 SIZE_MULTIPLE = 16  # 8x VAE downsampling times the DiT's 2x2 patches
+MAX_SIZE = 4096
 
 
 def size_widget(default: int, what: str) -> tuple:
@@ -17,7 +18,7 @@ def size_widget(default: int, what: str) -> tuple:
         {
             "default": default,
             "min": SIZE_MULTIPLE,
-            "max": 4096,
+            "max": MAX_SIZE,
             "step": SIZE_MULTIPLE,
             "tooltip": f"Video {what} in pixels, a multiple of {SIZE_MULTIPLE} (the model was trained at 832x480).",
         },
@@ -55,6 +56,8 @@ def check_size(width: int, height: int) -> str | None:
                 f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: "
                 f"use {down} or {down + SIZE_MULTIPLE}"
             )
+        if value > MAX_SIZE:
+            return f"{name} {value} is more than {MAX_SIZE}"
     return None
 
 
@@ -88,10 +91,6 @@ def latent_frames_for(length: float, unit: str, chunk_frames: int, fps: float = 
         raise ValueError(f"length unit must be 'seconds' or 'frames', got {unit!r}")
     latent = (max(frames, 1) - 1 + 3) // 4 + 1
     return max(1, round(latent / chunk_frames)) * chunk_frames
-
-
-def video_frames(latent_frames: int) -> int:
-    return 1 + 4 * (latent_frames - 1)
 
 
 def stream_state_bytes(cfg: DiTConfig, config: StreamConfig, hw: tuple[int, int], batch: int, dtype) -> int:

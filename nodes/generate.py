@@ -130,8 +130,6 @@ class RewardForcingStreamGenerate:
             return error
         if length is not None and length <= 0:
             return f"length must be more than 0, got {length}"
-        if (width is not None and width > 4096) or (height is not None and height > 4096):
-            return f"width and height must be at most 4096, got {width}x{height}"
         return True
 
     def generate(

@@ -207,8 +207,8 @@ class RewardForcingLoadDecoder:
         cached = _LOADED.get(source)
         if cached is not None:
             return (cached,)
-        device = comfy.torch_device()
         mm = comfy.module("comfy.model_management")
+        device = mm.vae_device() if mm is not None else torch.device("cpu")
         if dtype != "auto":
             weight_dtype = DTYPES[dtype]
         elif mm is not None and device.type != "cpu":
@@ -230,7 +230,7 @@ class RewardForcingLoadDecoder:
                 )
         except (CheckpointError, DecoderFileError) as err:
             raise ValueError(f"{decoder_name} is not a Wan 2.1 VAE or TAEHV file: {err}") from err
-        handle = RFDecoder(Managed.wrap(module, mm is not None), kind, decoder_name, source)
+        handle = RFDecoder(Managed.wrap(module, mm is not None, vae=True), kind, decoder_name, source)
         _LOADED[source] = handle
         return (handle,)
 

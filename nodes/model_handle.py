@@ -40,11 +40,11 @@ class Managed:
         self.patcher = patcher
 
     @classmethod
-    def wrap(cls, module: nn.Module, managed: bool = True) -> Managed:
+    def wrap(cls, module: nn.Module, managed: bool = True, vae: bool = False) -> Managed:
         if not managed:
             return cls(module)
         size = sum(p.numel() * p.element_size() for p in module.parameters())
-        return cls(module, comfy.model_patcher(ManagedBox(module), size))
+        return cls(module, comfy.model_patcher(ManagedBox(module), size, vae))
 
     def acquire(self, extra_bytes: int = 0) -> nn.Module:
         """The module on its compute device with this handle's patches applied, ready to run."""

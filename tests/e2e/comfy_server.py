@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -117,6 +120,48 @@ class ComfyServer:
 
     def running(self) -> bool:
         return bool(self.get("/queue")["queue_running"])
+
+
+class WebSocket:
+    """The few lines of RFC 6455 a test needs to read ComfyUI's /ws stream (server frames are unmasked)."""
+
+    def __init__(self, server: ComfyServer, client_id: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=600)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)
+        if b" 101 " not in head.split(b"\r\n")[0]:
+            raise ConnectionError(f"websocket upgrade refused: {head[:200]!r}")
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            part = self.sock.recv(n - len(data))
+            if not part:
+                raise ConnectionError("websocket closed")
+            data += part
+        return data
+
+    def receive(self) -> tuple[str, object]:
+        """("json", message dict) or ("binary", (event type, payload))."""
+        first, second = self._exact(2)
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack(">H", self._exact(2))[0]
+        elif size == 127:
+            size = struct.unpack(">Q", self._exact(8))[0]
+        payload = self._exact(size)
+        if first & 0x0F == 2:
+            return "binary", (struct.unpack(">I", payload[:4])[0], payload[4:])
+        return "json", json.loads(payload)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def messages(entry: dict, kind: str) -> list[dict]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from comfy_server import PACK_FOLDER, REPO, ComfyServer, messages
+from comfy_server import PACK_FOLDER, REPO, ComfyServer, WebSocket, messages
 from graph_executor import load_api_workflow, override
 from synthetic_models import CLIP_NAME, LORA_NAME, write_models
 from workflow_format import NATIVE_WIDGETS
@@ -179,6 +180,40 @@ def test_session_continues_over_queue_runs_other_workflows_and_a_prompt_switch(s
     cond_b = probed(server, "session_cond")
     expected = engine_latent(server, [(8, cond_a), (4, cond_b)], seed=3)
     torch.testing.assert_close(probed(server, "session_latent"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_progress_and_a_preview_per_chunk_reach_the_browser(server):
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(server, client_id)
+    try:
+        status, body = server.post(
+            "/prompt", {"prompt": api("reward_forcing_taehv_preview", **{"5": SIZE}), "client_id": client_id}
+        )
+        assert status == 200
+        running, progress, previews = None, [], 0
+        while True:
+            kind, msg = ws.receive()
+            if kind == "binary":
+                event, payload = msg
+                if running == "5" and event == 1:  # PREVIEW_IMAGE: 4-byte format (1 = JPEG), then the image
+                    assert payload[:4] == b"\x00\x00\x00\x01" and payload[4:6] == b"\xff\xd8"
+                    previews += 1
+                continue
+            data = msg.get("data", {})
+            if data.get("prompt_id") not in (None, body["prompt_id"]):
+                continue
+            if msg["type"] == "executing":
+                running = data["node"]
+                if running is None:
+                    break
+            elif msg["type"] == "progress" and data["node"] == "5":
+                progress.append((data["value"], data["max"]))
+            elif msg["type"] == "execution_error":
+                raise AssertionError(data)
+    finally:
+        ws.close()
+    assert previews == 7  # one per chunk of the 5 s video
+    assert progress[-1] == (35, 35) and [v for v, _ in progress] == sorted(v for v, _ in progress)
 
 
 def test_cancel_mid_session_then_continue_consistently(server):
