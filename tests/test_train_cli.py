@@ -88,6 +88,6 @@ run: {{steps: 2, save_every: 1, output_dir: {tmp_path / "run"}, output_name: myl
     with open(run / "metrics.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["0", "1", "2"]
     assert load_lora(run / "mylora.safetensors").metadata["rf_train_step"] == "3"
-    assert (run / "config.yaml").is_file()
+    assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["train", "--config", str(cfg), "--set", "nodot=1"])

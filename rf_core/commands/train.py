@@ -94,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
                 log.close()
         path = trainer.export()
         if dist.is_main:
-            print(f"wrote {path}")
+            from PIL import Image
+
+            from rf_core.train.plot import render_curves
+
+            Image.fromarray(render_curves(trainer.history)).save(out / "curves.png")
+            print(f"wrote {path} (metrics: {out / 'metrics.csv'}, curves: {out / 'curves.png'})")
         return 0
     finally:
         destroy(dist)

@@ -36,13 +36,17 @@ def load_prompts(path: str, negative_entry: str, text_dim: int, text_len: int) -
     )
 
 
-def vae_decoder(vae) -> Decoder:
-    """Frame-major model-space latents → frames [B, T, 3, H, W] in [0, 1] through a Wan VAE."""
+def stream_decoder(new_stream: Callable[[], object], chunk_frames: int = 3) -> Decoder:
+    """Frame-major model-space latents → frames [B, T, 3, H, W] in [0, 1], decoded chunk by chunk
+    through a fresh ``rf_core.vae.stream_decode`` stream (Wan VAE or TAEHV) per call."""
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        video = vae.decode(latents.permute(0, 2, 1, 3, 4))  # [B, 3, T, H, W] in [-1, 1]
-        return ((video + 1) / 2).permute(0, 2, 1, 3, 4)
+        stream = new_stream()
+        n = latents.shape[1]
+        return torch.cat(
+            [stream.decode_chunk(latents[:, i : i + chunk_frames]) for i in range(0, n, chunk_frames)], 1
+        )
 
     return decode
 
@@ -89,9 +93,11 @@ def build_trainer(
         )
     decoder = None
     if m.vae:
+        from rf_core.vae.stream_decode import WanStreamDecoder
         from rf_core.vae.wan_vae import load_wan_vae
 
-        decoder = vae_decoder(load_wan_vae(m.vae, device=device, dtype=frozen_dtype))
+        vae = load_wan_vae(m.vae, device=device, dtype=frozen_dtype)
+        decoder = stream_decoder(lambda: WanStreamDecoder(vae), config.video.chunk_frames)
     reward = build_reward(config.reward.kind, config.reward.options, device=device)
     return ReDMDTrainer(config, generator, teacher, critic, prompts, reward, decoder, dist, interrupt)
 

@@ -131,7 +131,9 @@ class ReDMDTrainer:
         self.critic = self._prepare_trainable(
             critic, cfg.lora.enabled and cfg.lora.critic, low_base, seed_key="critic"
         )
-        self.teacher = teacher.to(dev, self.compute_dtype).eval().requires_grad_(False)
+        # The teacher keeps its dtype (the caller picks it; bf16 under autocast is typical) and is
+        # only moved if needed, so a model shared with other ComfyUI nodes is not converted.
+        self.teacher = teacher.to(dev).eval().requires_grad_(False)
         if dist.enabled:
             for m in (self.generator, self.critic, self.teacher):
                 shard_dit(m, dist)
