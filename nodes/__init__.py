@@ -23,6 +23,7 @@ _MODULES: tuple[str, ...] = (
     "prompts",
     "save_video",
     "live",
+    "train_nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}
