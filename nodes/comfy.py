@@ -223,10 +223,10 @@ def _delta_patch_class():
     return DeltaPatch
 
 
-def vae_load(vae) -> None:
-    """Load a ComfyUI VAE object's weights onto its device."""
+def vae_load(vae, latent_shape: tuple) -> None:
+    """Load a ComfyUI VAE object's weights onto its device, with room to decode ``latent_shape``."""
     if module("comfy.model_management") is not None:
-        load_models([vae.patcher])
+        load_models([vae.patcher], memory_required=vae.memory_used_decode(latent_shape, vae.vae_dtype))
 
 
 # ----------------------------------------------------------------------------- progress, previews

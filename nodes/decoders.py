@@ -41,13 +41,18 @@ class ComfyVAEStream:
         Load VAE runs again), so the old object can be freed; the feature cache carries over."""
         self.vae = other.vae
 
+    def nbytes(self) -> int:
+        """Memory of the feature cache (about 1.9 GB in bf16 at 832x480)."""
+        return sum(t.numel() * t.element_size() for t in self._feat or () if isinstance(t, torch.Tensor))
+
     @torch.no_grad()
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        comfy.vae_load(self.vae)
+        raw = to_comfy_latent(z)  # [B, 16, n, h, w]
+        comfy.vae_load(self.vae, raw.shape)
         model = self.vae.first_stage_model
         if self._feat is None:
             self._feat = [None] * _count_causal_convs(model.decoder)
-        raw = to_comfy_latent(z).to(self.vae.device, self.vae.vae_dtype)  # [B, 16, n, h, w]
+        raw = raw.to(self.vae.device, self.vae.vae_dtype)
         x = model.conv2(raw)
         # A fresh index list per latent frame: the decoder walks the cache slots from 0 each call.
         out = torch.cat(

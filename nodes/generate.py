@@ -168,6 +168,7 @@ class RewardForcingStreamGenerate:
         dit = model.acquire(stream_state_bytes(model.cfg, config, hw, batch, model.dit.dtype))
         stream = StreamSession(dit, embeds, hw, config, seed=seed, interrupt=comfy.interrupt_check())
         record = StreamRecord(stream, decode)
+        record.prepare = model.acquire
         chunks = frames // config.chunk_frames
         progress = comfy.Progress(chunks * record.passes_per_chunk(), unique_id)
         files = VideoFiles(filename_prefix, fps, batch, width, height) if filename_prefix.strip() else None

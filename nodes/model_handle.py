@@ -137,6 +137,13 @@ class _AcquiringStream:
     def reset(self) -> None:
         self.stream.reset()
 
+    def nbytes(self) -> int:
+        """Memory of the Wan decoder's causal cache (TAEHV keeps only a few small frames: not counted)."""
+        elements = getattr(self.stream, "cache_elements", None)
+        if elements is None:
+            return 0
+        return elements() * next(self.managed.module.parameters()).element_size()
+
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         module = self.managed.acquire()
         p = next(module.parameters())

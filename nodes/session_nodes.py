@@ -188,6 +188,7 @@ class RewardForcingStreamSession:
             session.prompt = embeds  # only once the switch (and re-cache) went through
 
         record = session.record
+        record.prepare = model.acquire
         first = record.chunks
         progress = comfy.Progress(chunks * record.passes_per_chunk(), unique_id)
         record.decode_pending()  # chunks a failed decode left without frames

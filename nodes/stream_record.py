@@ -47,6 +47,8 @@ class StreamRecord:
         self.stream = stream
         self.decoder = decoder
         self.frame_dtype = frame_dtype
+        # Called before every chunk: inside ComfyUI, loading the decoder may have offloaded the model.
+        self.prepare: Callable[[], object] | None = None
         self.latents: list[torch.Tensor] = []  # model space, CPU float32, one [B, n, 16, h, w] per chunk
         self.frames: list[torch.Tensor] = []  # CPU [B, F, H, W, 3], one per decoded chunk
         self.frame_chunks: list[int] = []  # number of frames each decoded chunk gave
@@ -66,6 +68,8 @@ class StreamRecord:
         for i in range(n_chunks):
             if progress is not None:
                 self.stream.on_pass = lambda p, _n, i=i: progress.update(i * per + p + 1)
+            if self.prepare is not None:
+                self.prepare()
             z = self.stream.next_chunk()
             self.latents.append(z.detach().to("cpu", torch.float32))
             new = self.decode_pending(sink)
@@ -122,7 +126,8 @@ class StreamRecord:
 
     def nbytes(self) -> int:
         stored = sum(t.numel() * t.element_size() for t in (*self.latents, *self.frames))
-        return stored + self.stream.state_nbytes()
+        decoder = self.decoder.nbytes() if hasattr(self.decoder, "nbytes") else 0
+        return stored + self.stream.state_nbytes() + decoder
 
 
 def _store(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -257,6 +257,15 @@ def test_cancel_stops_generate_within_one_model_pass(nodes, monkeypatch):
     assert len(passes) == 7  # Cancel was checked before the 8th pass, which never ran
 
 
+def test_model_is_placed_again_before_every_chunk(nodes, monkeypatch):
+    # Inside ComfyUI, loading the VAE between chunks may offload the model: each chunk re-acquires it.
+    model = load_model(nodes)
+    calls = []
+    monkeypatch.setattr(model.managed, "acquire", lambda extra=0: (calls.append(extra), model.dit)[1])
+    nodes.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
+    assert len(calls) == 1 + 3 and calls[0] > 0 and calls[1:] == [0, 0, 0]  # room for the KV cache first
+
+
 class RecordingProgress:
     log: list = []
 
