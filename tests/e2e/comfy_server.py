@@ -27,10 +27,11 @@ def _free_port() -> int:
 class ComfyServer:
     """``base`` is an isolated ComfyUI base directory (models, custom_nodes, output, temp, user)."""
 
-    def __init__(self, comfy_dir: Path, python: str, base: Path) -> None:
+    def __init__(self, comfy_dir: Path, python: str, base: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.comfy_dir = comfy_dir
         self.python = python
         self.base = base
+        self.extra_args = extra_args
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / "comfyui.log"
@@ -52,6 +53,7 @@ class ComfyServer:
             self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base), "--output-directory", str(self.output),
             "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--preview-method", "none",
+            *self.extra_args,
         ]  # fmt: skip
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 (ComfyUI writes to it until stop())
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log_file, stderr=subprocess.STDOUT)

@@ -53,6 +53,17 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def server_without_cache(server, tmp_path_factory):
+    """A second ComfyUI with --cache-none: every node runs every time, nothing is kept between runs."""
+    base = tmp_path_factory.mktemp("comfy_base_nocache")
+    (base / "models").symlink_to(server.base / "models", target_is_directory=True)
+    srv = ComfyServer(server.comfy_dir, server.python, base, ("--cache-none",))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
 def api(name: str, **changes) -> dict:
     """An API twin with the synthetic text encoder and a small size."""
     prompt = load_api_workflow(WORKFLOWS / f"{name}.json")
@@ -180,6 +191,13 @@ def test_session_continues_over_queue_runs_other_workflows_and_a_prompt_switch(s
     cond_b = probed(server, "session_cond")
     expected = engine_latent(server, [(8, cond_a), (4, cond_b)], seed=3)
     torch.testing.assert_close(probed(server, "session_latent"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_session_survives_with_output_caching_off(server_without_cache):
+    srv = server_without_cache
+    prompt = api("reward_forcing_interactive_session", **{"5": {**SIZE, "session_id": "nocache"}})
+    counts = [mp4_frames(srv, outputs_of(srv.run(prompt), "6")[0]) for _ in range(2)]
+    assert counts == [45, 93]
 
 
 def test_progress_and_a_preview_per_chunk_reach_the_browser(server):
