@@ -1,6 +1,7 @@
 """bf16 error of the plain and fast paths against an fp32 run of the same random 1.3B model.
 
-Prints the relative L2 error of the first two chunks (same seed and noise) for: plain bf16, fast bf16.
+Prints the relative L2 error of the first two chunks (same seed and noise) for: plain bf16, fast bf16,
+and the opt-in fp8 path (its quality cost).
 If fast's error is of the same size as plain's, the optimisations cost no accuracy beyond bf16's own.
 """
 
@@ -49,6 +50,11 @@ def main():
     fast = chunks(model, prompt.bfloat16(), noise, renoise)
     out["fast_bf16_rel_err"] = ((fast - ref).norm() / ref.norm()).item()
     out["fast_vs_plain_rel"] = ((fast - plain).norm() / plain.norm()).item()
+    del model
+    model = random_model(cfg, seed=0, device="cuda", dtype=torch.bfloat16)
+    make_fast(model, attn_backend="auto", fp8=True)
+    fp8 = chunks(model, prompt.bfloat16(), noise, renoise)
+    out["fast_fp8_rel_err"] = ((fp8 - ref).norm() / ref.norm()).item()
     print(json.dumps(out))
 
 

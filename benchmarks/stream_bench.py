@@ -156,6 +156,8 @@ def main() -> None:
             model.attn_backend = "auto"
         elif variant == "fast":
             make_fast(model, attn_backend="auto")
+        elif variant == "fast-fp8":
+            make_fast(model, attn_backend="auto", fp8=True)
         elif variant == "fast-max-autotune":
             make_fast(model, attn_backend="auto", compile_mode="max-autotune-no-cudagraphs")
         else:

@@ -1,5 +1,5 @@
-"""Speed switches for inference. Each keeps the maths: the optimised model equals the plain one
-within bf16 rounding (tests/test_speed_equivalence.py checks it on CPU)."""
+"""Speed switches for inference. All but ``fp8`` keep the maths: the optimised model equals the plain
+one within bf16 rounding (tests/test_speed_equivalence.py checks it on CPU); fp8 is opt-in."""
 
 from __future__ import annotations
 
@@ -15,12 +15,21 @@ def make_fast(
     rope_fp32: bool = True,
     attn_backend: str | None = None,
     compile_mode: str | None = None,
+    fp8: bool = False,
 ) -> WanDiT:
     """Switch a model (in place) to the fast inference path.
 
     rope_fp32: RoPE in float32 instead of the reference's float64 (the result is rounded to the
         model dtype either way). compile: torch.compile the pure-tensor halves of each block.
+        fp8: opt-in fp8 GEMMs for the block linears; changes the output (rf_core/model/fp8.py).
+        Apply LoRAs before it.
     """
+    if fp8:
+        from rf_core.model.fp8 import use_fp8_linears
+
+        if model.compiled:
+            raise ValueError("enable fp8 before compiling the model")
+        use_fp8_linears(model)
     if rope_fp32:
         model.set_rope_precision(torch.float32)
     if attn_backend is not None:

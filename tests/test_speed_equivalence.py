@@ -26,3 +26,28 @@ def test_fast_path_equals_plain_path():
     assert fast_model.compiled and fast_model.rope.dtype == torch.float32
     rel = ((fast - plain).norm() / plain.norm()).item()
     assert rel < 1e-5, rel
+
+
+def test_fp8_linear_equals_dequantised_matmul_and_stays_close():
+    from rf_core.model.fp8 import Fp8Linear, quantize
+
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 7, 64)
+    fp8 = Fp8Linear(lin)
+    xq, xs = quantize(x.reshape(-1, 64))
+    ref = (xq.double() * xs.double()) @ (
+        fp8.weight_fp8.double() * fp8.weight_scale.double()
+    ).t() + lin.bias.double()
+    out = fp8(x)
+    assert torch.allclose(out.reshape(-1, 32).double(), ref, atol=1e-4)
+    exact = lin(x)
+    assert ((out - exact).norm() / exact.norm()) < 0.1  # e4m3 keeps 3 mantissa bits
+
+
+def test_fp8_model_stays_close_to_plain():
+    plain = stream(random_model(seed=5), chunks=2)
+    model = make_fast(random_model(seed=5), compile=False, fp8=True)
+    assert sum(type(m).__name__ == "Fp8Linear" for m in model.modules()) == 10 * model.cfg.num_layers
+    fast = stream(model, chunks=2)
+    rel = ((fast - plain).norm() / plain.norm()).item()
+    assert 0 < rel < 0.2, rel

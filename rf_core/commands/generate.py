@@ -62,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--attn", default="auto", help="attention backend: auto, sdpa, cudnn, flash2, flash3")
     p.add_argument("--fast", action="store_true", help="torch.compile + fp32 RoPE (GPU)")
+    p.add_argument(
+        "--fp8", action="store_true", help="fp8 GEMMs (Hopper; opt-in, changes the output slightly)"
+    )
     p.set_defaults(func=run)
 
 
@@ -200,10 +203,10 @@ def run(args: argparse.Namespace) -> int:
     chunks = latent_frames // config.chunk_frames
 
     model = _load_model(args, device, dtype)
-    if args.fast:
+    if args.fast or args.fp8:
         from rf_core.speed import make_fast
 
-        make_fast(model)
+        make_fast(model, compile=args.fast, rope_fp32=args.fast, fp8=args.fp8)
     embed = _prompt_source(args, model.cfg, device, dtype)
     cues = {c.chunk: embed(c.prompt) for c in timeline if c.chunk < chunks}
     decoder = _decoder(args, device, dtype)
