@@ -146,8 +146,11 @@ class StreamSession:
         return self._cross
 
     # ------------------------------------------------------------------ passes
-    def _pass(self, x: torch.Tensor, t: float, slot: tuple[int, int], need_output: bool = True):
-        """One model pass of frames x [B, f, C, h, w] sitting in cache slot ``slot``."""
+    def _pass(
+        self, x: torch.Tensor, t: float, slot: tuple[int, int], need_output: bool = True, eager: bool = False
+    ):
+        """One model pass of frames x [B, f, C, h, w] sitting in cache slot ``slot``. ``eager`` runs a
+        compiled model uncompiled, for one-off shapes that would otherwise trigger a recompilation."""
         if self.interrupt is not None:
             self.interrupt()
         m = self.model
@@ -156,7 +159,8 @@ class StreamSession:
         tt = torch.full((x.shape[0], grid[0]), t, device=self.device, dtype=torch.float32)
         e, e0 = m.time_embed(tt, x.shape[0], grid[0])
         plan = self.cache.plan(slot, m.rope, grid[1], grid[2], m.attn_backend, self.device)
-        plan.fused = m.compiled
+        plan.fused = m.compiled and not eager
+        plan.eager = eager
         out = m.run_blocks(m.patchify(xc), e, e0, self._cross_kv(), plan, grid, need_output)
         return None if out is None else out.permute(0, 2, 1, 3, 4)
 
@@ -180,7 +184,7 @@ class StreamSession:
         if any(i is None or i not in lat for i in ids):
             return  # nothing re-cacheable (e.g. frames were never kept)
         x = torch.stack([lat[i] for i in ids], dim=1)
-        self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False)
+        self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False, eager=True)
 
     def denoise_chunk(
         self,

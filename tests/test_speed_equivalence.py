@@ -51,3 +51,20 @@ def test_fp8_model_stays_close_to_plain():
     fast = stream(model, chunks=2)
     rel = ((fast - plain).norm() / plain.norm()).item()
     assert 0 < rel < 0.2, rel
+
+
+def test_recache_on_a_compiled_model_runs_eagerly_and_matches():
+    """The one-off re-cache pass must not compile a new graph shape, and gives the same cache."""
+    import torch._dynamo
+
+    plain = StreamSession(random_model(seed=5), random_prompt(seed=3), HW, seed=9)
+    fast = StreamSession(make_fast(random_model(seed=5)), random_prompt(seed=3), HW, seed=9)
+    for s in (plain, fast):
+        for _ in range(4):
+            s.next_chunk()
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for s in (plain, fast):
+        s.set_prompt(random_prompt(seed=4), recache=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
+    assert torch.allclose(fast.cache.k, plain.cache.k, atol=1e-4)
+    assert torch.allclose(fast.next_chunk(), plain.next_chunk(), atol=1e-4)

@@ -120,7 +120,13 @@ class WanBlock(nn.Module):
         return apply_rope(q, cos, sin).type_as(v), k, apply_rope(k, cos, sin).type_as(v), v
 
     def post_attention(
-        self, x: torch.Tensor, y: torch.Tensor, e0: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, backend: str
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        e0: torch.Tensor,
+        ck: torch.Tensor,
+        cv: torch.Tensor,
+        backend: str,
     ) -> torch.Tensor:
         """Output projection and gate, cross-attention, FFN."""
         frames = e0.shape[1]
@@ -142,12 +148,14 @@ class WanBlock(nn.Module):
     ) -> torch.Tensor:
         """x [B, f*F, dim]; e0 [B, f, 6, dim] per-frame modulation. ``kv_only``: this pass only
         refreshes the cache, so stop after the self-attention keys/values are written."""
-        q, k, k_roped, v = self.pre_attention(x, e0, *plan.rope_q)
+        eager = plan.eager and hasattr(self, "eager_parts")
+        pre, post = self.eager_parts if eager else (self.pre_attention, self.post_attention)
+        q, k, k_roped, v = pre(x, e0, *plan.rope_q)
         keys, values = plan.keys_values(layer, k, k_roped, v)
         if kv_only:
             return x
         y = attention(q, keys, values, plan.backend, plan.mask)
-        return self.post_attention(x, y, e0, cross_kv[0], cross_kv[1], plan.cross_backend)
+        return post(x, y, e0, cross_kv[0], cross_kv[1], plan.cross_backend)
 
 
 class Head(nn.Module):
@@ -172,9 +180,12 @@ class AttentionPlan:
     ``rf_core.model.kv_cache.CachePlan`` adds the streaming cache.
     """
 
-    def __init__(self, backend: str, rope_q, mask: torch.Tensor | None = None, cross_backend: str | None = None) -> None:
+    def __init__(
+        self, backend: str, rope_q, mask: torch.Tensor | None = None, cross_backend: str | None = None
+    ) -> None:
         self.backend = backend
         self.cross_backend = cross_backend or backend
+        self.eager = False  # run compiled models eagerly for this pass (a shape seen once)
         self.rope_q = rope_q
         self.mask = mask
 
@@ -220,6 +231,7 @@ class WanDiT(nn.Module):
         kwargs.setdefault("dynamic", False)
         self.compiled = True
         for blk in self.blocks:
+            blk.eager_parts = (blk.pre_attention, blk.post_attention)  # for one-off shapes (re-cache)
             blk.pre_attention = torch.compile(blk.pre_attention, **kwargs)
             blk.post_attention = torch.compile(blk.post_attention, **kwargs)
 
@@ -299,7 +311,7 @@ class WanDiT(nn.Module):
         writing its keys/values and the head is skipped: their results would be discarded."""
         last = len(self.blocks) - 1
         # compiled graphs call plain SDPA for the 512-key cross-attention (no backend context manager)
-        plan.cross_backend = "sdpa" if self.compiled else self.attn_backend
+        plan.cross_backend = "sdpa" if self.compiled and not plan.eager else self.attn_backend
         for i, blk in enumerate(self.blocks):
             kv_only = not need_output and i == last
             if self.gradient_checkpointing and torch.is_grad_enabled():
