@@ -317,8 +317,12 @@ class RewardForcingReDMDTrain:
         )
         stream, _ = decoder_stream(vae, decoder)
         with torch.inference_mode(False), torch.enable_grad():
-            generator_weights = student.acquire()
-            # Train where the teacher runs (ComfyUI's device, or the CPU for models placed there).
+            # Copy the student while its weights (and any LoRA patches) are loaded, before loading the
+            # teacher may offload it. Training runs where ComfyUI put it (or on the CPU for models
+            # placed there).
+            student_model = student.acquire()
+            device = next(student_model.parameters()).device
+            generator = _trainable_copy(student_model, device, "student")
             patchers = [teacher.managed.patcher]
             if stream is not None:
                 patchers.append(
@@ -327,8 +331,11 @@ class RewardForcingReDMDTrain:
                 )
             comfy.load_models([p for p in patchers if p is not None])
             teacher_model = teacher.acquire()
-            device = next(teacher_model.parameters()).device
-            generator = _trainable_copy(generator_weights, device, "student")
+            if next(teacher_model.parameters()).device != device:
+                raise ValueError(
+                    f"the teacher is on {next(teacher_model.parameters()).device} but the student on {device}: "
+                    "load both with the same placement"
+                )
             critic = _trainable_copy(teacher_model, device, "teacher")
             if teacher_model.cfg.text_dim != generator.cfg.text_dim:
                 raise ValueError(

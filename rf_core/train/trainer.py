@@ -451,11 +451,11 @@ class ReDMDTrainer:
             "rf_train_config": self.config.to_json(),
         }
         if self.config.lora.enabled:
-            pairs = {
-                name: (trained[f"{name}.{DOWN}"], trained[f"{name}.{UP}"], module.lora_alpha)
-                for name, module in lora_modules(self.generator).items()
-            }
-            if self.dist.is_main:
+            if self.dist.is_main:  # gathered state dicts are empty on the other ranks
+                pairs = {
+                    name: (trained[f"{name}.{DOWN}"], trained[f"{name}.{UP}"], module.lora_alpha)
+                    for name, module in lora_modules(self.generator).items()
+                }
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_lora(path, pairs, metadata=meta)
             return path
