@@ -420,7 +420,7 @@ def _fit_prompts(prompts, text_dim: int, text_len: int):
     """The prompt list at the model's text length (zero rows cut or padded)."""
     from rf_core.train.trainer import PromptSet
 
-    embeds, negative = prompts.embeds, prompts.negative
+    embeds, negative = prompts.batch(range(len(prompts))), prompts.negative
     if embeds.shape[-1] != text_dim:
         raise ValueError(
             f"prompts: embeddings are {embeds.shape[-1]} wide but the model takes {text_dim}: encode them with "
@@ -448,7 +448,7 @@ def _preview(trainer, prompts, hw: tuple[int, int], decode) -> torch.Tensor:
     dev = trainer.device
     latents = sample(
         trainer.generator,
-        prompts.embeds[:1].to(dev),
+        prompts.batch([0]).to(dev),
         hw,
         trainer.config.video.frames,
         trainer.config.run.seed,

@@ -91,3 +91,45 @@ run: {{steps: 2, save_every: 1, output_dir: {tmp_path / "run"}, output_name: myl
     assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["train", "--config", str(cfg), "--set", "nodot=1"])
+
+
+def test_prompt_text_file_is_encoded_per_micro_batch(tmp_path):
+    """data.prompts: a text file encoded on the fly by the umT5 encoder (tiny files made here)."""
+    from _text_helpers import build_tiny_tokenizer, random_umt5_state
+
+    from rf_core.text import WAN_NEGATIVE_PROMPT, TextEncoder, UMT5Config
+    from rf_core.train.setup import build_trainer
+
+    tokenizer = build_tiny_tokenizer(tmp_path / "tokenizer" / "tokenizer.json")
+    umt5 = UMT5Config(
+        vocab_size=96, dim=64, dim_attn=64, dim_ffn=96, num_heads=4, num_layers=1
+    )  # tiny DiT: 64 wide
+    torch.save(random_umt5_state(umt5), tmp_path / "umt5.pth")
+    (tmp_path / "prompts.txt").write_text("a cat runs\n\na red dog on the grass\nthe cat\n")
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {"random_preset": "tiny"},
+            "data": {
+                "prompts": str(tmp_path / "prompts.txt"),
+                "text_encoder": str(tmp_path / "umt5.pth"),
+                "tokenizer": str(tokenizer),
+            },
+            "video": {"frames": 3, "height": 32, "width": 48},
+            "reward": {"kind": "none"},
+            "optim": {"gradient_accumulation": 1},
+            "run": {"steps": 1, "save_every": 1, "output_dir": str(tmp_path / "run"), "device": "cpu"},
+        }
+    )
+    trainer = build_trainer(cfg)
+    assert trainer.prompts.texts == ["a cat runs", "a red dog on the grass", "the cat"]
+    encoder = TextEncoder.from_files(tokenizer, tmp_path / "umt5.pth", max_length=32)
+    torch.testing.assert_close(
+        trainer.prompts.batch([1, 2]), encoder.encode_prompts(["a red dog on the grass", "the cat"])
+    )
+    torch.testing.assert_close(trainer.prompts.negative, encoder.encode_prompts([WAN_NEGATIVE_PROMPT])[0])
+    trainer.train()
+    assert trainer.step == 1
+    with pytest.raises(ValueError, match="data.text_encoder and data.tokenizer"):
+        build_trainer(
+            TrainConfig.from_dict({"model": {"random_preset": "tiny"}, "data": {"prompts": "x.txt"}})
+        )

@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rf_core.text.embeddings import WAN_NEGATIVE_PROMPT
 from rf_core.train.lora_train import DEFAULT_TARGETS
 
 
@@ -26,6 +27,11 @@ class DataConfig:
     # rf_core.text embedding file; every entry except `negative_entry` is a training prompt
     prompt_embeddings: str = ""
     negative_entry: str = "negative"
+    # or: a text file with one prompt per line, encoded on the fly by the umT5 encoder (large lists)
+    prompts: str = ""
+    text_encoder: str = ""  # umT5-XXL checkpoint (models_t5_umt5-xxl-enc-bf16.pth or a ComfyUI file)
+    tokenizer: str = ""  # umT5 tokenizer.json (or its folder)
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
 
 
 @dataclass

@@ -36,6 +36,35 @@ def load_prompts(path: str, negative_entry: str, text_dim: int, text_len: int) -
     )
 
 
+def encoded_prompts(
+    config: TrainConfig, text_len: int, device: torch.device, dtype: torch.dtype
+) -> PromptSet:
+    """Prompts from ``data.prompts`` (one per line), encoded per micro-batch by the umT5 encoder."""
+    from rf_core.text.text_encoder import TextEncoder
+
+    d = config.data
+    if not (d.text_encoder and d.tokenizer):
+        raise ValueError("data.prompts needs data.text_encoder and data.tokenizer (the umT5 files)")
+    with open(d.prompts, encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"{d.prompts}: no prompts (one per line)")
+    encoder = TextEncoder.from_files(
+        d.tokenizer, d.text_encoder, device=device, dtype=dtype, max_length=text_len
+    )
+    negative = encoder.encode_prompts([d.negative_prompt])[0]
+    return PromptSet(None, negative, texts, encoder=encoder.encode_prompts)
+
+
+def _prompts(config: TrainConfig, cfg, device: torch.device, dtype: torch.dtype) -> PromptSet:
+    d = config.data
+    if d.prompt_embeddings:
+        return load_prompts(d.prompt_embeddings, d.negative_entry, cfg.text_dim, cfg.text_len)
+    if d.prompts:
+        return encoded_prompts(config, cfg.text_len, device, dtype)
+    raise ValueError("give data.prompt_embeddings (an embedding file) or data.prompts (a text file)")
+
+
 def stream_decoder(new_stream: Callable[[], object], chunk_frames: int = 3) -> Decoder:
     """Frame-major model-space latents → frames [B, T, 3, H, W] in [0, 1], decoded chunk by chunk
     through a fresh ``rf_core.vae.stream_decode`` stream (Wan VAE or TAEHV) per call."""
@@ -64,13 +93,8 @@ def build_trainer(
         generator = random_model(m.random_preset, seed=1, attn_backend=m.attn_backend)
         teacher = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
         critic = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
-        if config.data.prompt_embeddings:
-            prompts = load_prompts(
-                config.data.prompt_embeddings,
-                config.data.negative_entry,
-                generator.cfg.text_dim,
-                generator.cfg.text_len,
-            )
+        if config.data.prompt_embeddings or config.data.prompts:
+            prompts = _prompts(config, generator.cfg, device, frozen_dtype)
         else:
             prompts = PromptSet(
                 random_prompt(generator.cfg, batch=4, seed=3), random_prompt(generator.cfg, seed=4)[0]
@@ -85,12 +109,7 @@ def build_trainer(
         teacher = load_dit(m.teacher, device=device, dtype=frozen_dtype, attn_backend=m.attn_backend)
         critic_src = {"teacher": m.teacher, "student": m.student}.get(m.critic, m.critic)
         critic = load_dit(critic_src, dtype=torch.float32, attn_backend=m.attn_backend)
-        prompts = load_prompts(
-            config.data.prompt_embeddings,
-            config.data.negative_entry,
-            generator.cfg.text_dim,
-            generator.cfg.text_len,
-        )
+        prompts = _prompts(config, generator.cfg, device, frozen_dtype)
     decoder = None
     if m.vae:
         from rf_core.vae.stream_decode import WanStreamDecoder

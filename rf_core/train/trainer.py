@@ -54,18 +54,24 @@ Decoder = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class PromptSet:
-    """Training prompts: embeddings [N, L, D], the negative prompt [L, D] and (for rewards that
-    read the prompt, e.g. VideoAlign) the N prompt texts."""
+    """Training prompts: precomputed embeddings [N, L, D], or an ``encoder`` (texts -> [B, L, D])
+    that encodes each micro-batch's prompts when it is drawn (prompt lists too large to precompute);
+    the negative prompt's embedding [L, D]; the N prompt texts (read by rewards such as VideoAlign)."""
 
-    embeds: torch.Tensor
+    embeds: torch.Tensor | None
     negative: torch.Tensor
     texts: list[str] = field(default_factory=list)
+    encoder: Callable[[list[str]], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
-        if self.embeds.ndim != 3 or self.embeds.shape[0] == 0:
-            raise ValueError(f"prompt embeddings must be [N >= 1, L, D], got {list(self.embeds.shape)}")
         if self.negative.ndim == 3 and self.negative.shape[0] == 1:
             self.negative = self.negative[0]
+        if self.embeds is None:
+            if self.encoder is None or not self.texts:
+                raise ValueError("a prompt set without embeddings needs prompt texts and an encoder")
+            return
+        if self.embeds.ndim != 3 or self.embeds.shape[0] == 0:
+            raise ValueError(f"prompt embeddings must be [N >= 1, L, D], got {list(self.embeds.shape)}")
         if self.negative.shape != self.embeds.shape[1:]:
             raise ValueError(
                 f"negative prompt embedding {list(self.negative.shape)} does not match the prompts' "
@@ -77,7 +83,14 @@ class PromptSet:
             raise ValueError(f"{len(self.texts)} prompt texts for {self.embeds.shape[0]} embeddings")
 
     def __len__(self) -> int:
-        return self.embeds.shape[0]
+        return len(self.texts)
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Embeddings [B, L, D] of the given prompts."""
+        if self.embeds is not None:
+            return self.embeds[list(indices)]
+        with torch.no_grad():
+            return self.encoder([self.texts[i] for i in indices])
 
 
 class ReDMDTrainer:
@@ -193,7 +206,7 @@ class ReDMDTrainer:
         first = ((self.step * 2 + phase) * o.gradient_accumulation + micro) * size
         positions = list(range(self.dist.rank * b, (self.dist.rank + 1) * b))
         idx = [self._prompt_index(first + j) for j in positions]
-        embeds = self.prompts.embeds[idx].to(self.device)
+        embeds = self.prompts.batch(idx).to(self.device, torch.float32)
         texts = [self.prompts.texts[i] for i in idx]
         # StreamSession seeds sample i with seed + i, so sample j of the global batch gets base + j.
         seed = self._seed("noise", self.step, phase, micro) + positions[0]
