@@ -51,7 +51,9 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q/k/v/o projections with RMS norms on q and k, as in both of Wan's attention layers."""
+
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -62,35 +64,21 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1)
+
+
+class SelfAttention(Projections):
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, n = x.shape[:2]
-        shape = (b, n, self.num_heads, -1)
-        q = self.norm_q(self.q(x)).view(shape)
-        k = self.norm_k(self.k(x)).view(shape)
-        v = self.v(x).view(shape)
-        return q, k, v
+        return self.heads(self.norm_q(self.q(x))), self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(Projections):
     def context_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n = ctx.shape[:2]
-        k = self.norm_k(self.k(ctx)).view(b, n, self.num_heads, -1)
-        v = self.v(ctx).view(b, n, self.num_heads, -1)
-        return k, v
+        return self.heads(self.norm_k(self.k(ctx))), self.heads(self.v(ctx))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], backend: str) -> torch.Tensor:
-        b, n = x.shape[:2]
-        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, -1)
+        q = self.heads(self.norm_q(self.q(x)))
         return self.o(attention(q, kv[0], kv[1], backend).flatten(2))
 
 
