@@ -180,6 +180,9 @@ MOTION = MotionReward(pool=1)
 
 
 def test_motion_reward_raises_the_motion_of_generated_samples(tmp_path):
+    """20 LoRA steps with a motion reward raise the motion of samples (same seeds) above the untrained
+    student's and above plain DMD's (β = 0). Over run seeds 0-7 the ratio to the untrained student was
+    1.15-1.48 and the margin over plain DMD at least 0.06; the thresholds leave room below that."""
     prompts = tiny_prompts()
 
     def motion(model):
@@ -216,9 +219,9 @@ def test_motion_reward_raises_the_motion_of_generated_samples(tmp_path):
             StaticOrMoving(untrained.median().item()),
             NoisyInputCritic(),
             prompts,
-            reward=MotionReward(center=untrained.mean().item(), scale=0.03, pool=1),
+            reward=MotionReward(center=untrained.mean().item(), scale=0.015, pool=1),
         )
         trainer.train()
         results[beta] = motion(trainer.generator).mean().item()
     assert results[2.0] > 1.1 * untrained.mean().item()
-    assert results[2.0] > results[0.0] + 0.05
+    assert results[2.0] > results[0.0] + 0.03
