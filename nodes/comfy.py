@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger("reward_forcing")
 
 MODEL_FOLDER = "reward_forcing"  # models/reward_forcing, registered in ComfyUI's folder_paths
 PROMPT_FOLDER = "reward_forcing_prompts"  # models/reward_forcing_prompts: saved prompt embeddings
