@@ -168,6 +168,11 @@ def reward_dir(tmp_path_factory):
         "inference_config": NORM,
     }
     (folder / "model_config.json").write_text(json.dumps(config))
+    # a stand-in for VideoAlign's prompt text (the real one is supplied by the user)
+    (folder / "prompt_template.txt").write_text(
+        "Rate this video for the prompt: {text_prompt}\nQuality <|VQ_reward|> motion <|MQ_reward|> "
+        "alignment <|TA_reward|>"
+    )
     return root, base, merged, head
 
 
@@ -239,3 +244,10 @@ def test_videoalign_sees_frames_in_0_255(reward_dir):
 def test_videoalign_errors_name_the_problem(tmp_path):
     with pytest.raises(VideoAlignError, match="no model_config.json"):
         build_reward("videoalign", {"path": str(tmp_path)})
+
+
+def test_videoalign_needs_the_user_supplied_prompt_template(reward_dir):
+    root = reward_dir[0]
+    (root / "VideoReward" / "prompt_template.txt").unlink()
+    with pytest.raises(VideoAlignError, match="prompt_template.txt is missing"):
+        build_reward("videoalign", {"path": str(root)})

@@ -19,8 +19,8 @@ Scoring (what the reward model was trained on, with the reference's input bug fi
 - sampled at the config's ``fps`` (2 fps: 10 of 81 frames at 16 fps), as VideoAlign reads videos;
   ``sample_fps=False`` keeps every frame like the reference's Re-DMD;
 - rescaled by 1/255, normalised with the CLIP mean/std, cut into 2×14×14 patches in Qwen2-VL's
-  order; the prompt is the ``detailed_special`` template (``videoalign_prompt.txt``, the VideoAlign
-  template text, MIT licence, Kling Team) in Qwen2-VL's chat format;
+  order; the prompt is the ``detailed_special`` template (read from ``prompt_template.txt`` in the
+  VideoReward folder: the user supplies VideoAlign's text) in Qwen2-VL's chat format;
 - the LLM runs on the embeddings with sequential positions (``position_ids=None``, as VideoAlign
   was trained, §13.25); the reward head's outputs at the three special tokens are (VQ, MQ, TA),
   normalised with the config's means and stds.
@@ -46,7 +46,9 @@ PATCH, MERGE, TEMPORAL = 14, 2, 2
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 FPS_MIN_FRAMES, FPS_MAX_FRAMES = 4, 768
 DEFAULT_MAX_FRAME_PIXELS = 200704
-TEMPLATE_FILE = Path(__file__).with_name("videoalign_prompt.txt")
+# VideoAlign's ``detailed_special`` prompt text is not shipped here (it is another project's prose):
+# put it in the VideoReward folder under this name, or pass ``template=``.
+TEMPLATE_NAME = "prompt_template.txt"
 _DIR_NAMES = ("VideoReward", "Videoreward", "videoreward")
 
 
@@ -238,7 +240,7 @@ class VideoAlignReward:
         sample_fps: bool = True,
         video_fps: float = 16.0,
         resolution: Sequence[int] | str = "auto",
-        template: str | None = None,
+        template: str = "",
     ) -> None:
         if dimension not in (*DIMENSIONS, "Overall"):
             raise ValueError(
@@ -254,7 +256,12 @@ class VideoAlignReward:
         self.dimension, self.use_norm = dimension, use_norm
         self.sample_fps, self.video_fps = sample_fps, video_fps
         self.resolution = resolution
-        self.template = template if template is not None else TEMPLATE_FILE.read_text(encoding="utf-8")
+        if "{text_prompt}" not in template:
+            raise VideoAlignError(
+                "the VideoAlign prompt template (its 'detailed_special' text, with a {text_prompt} slot) is "
+                f"needed: save it as {TEMPLATE_NAME} in the VideoReward folder or pass template="
+            )
+        self.template = template
         self.reward_ids = tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS))
         self.video_token_id = model.config.video_token_id
 
@@ -324,6 +331,14 @@ class VideoAlignReward:
             )
         model.to(device, dtype).eval().requires_grad_(False)
         rm_head.to(device, dtype).eval().requires_grad_(False)
+        if "template" not in options:
+            tfile = folder / TEMPLATE_NAME
+            if not tfile.is_file():
+                raise VideoAlignError(
+                    f"{tfile} is missing: save VideoAlign's 'detailed_special' prompt template text there "
+                    "(it is the prompt the reward model was trained with; it is not shipped with this package)"
+                )
+            options["template"] = tfile.read_text(encoding="utf-8")
         return cls(model, rm_head, tokenizer, config, **options)
 
     # .......................................................................... inputs
