@@ -247,7 +247,11 @@ def test_videoalign_errors_name_the_problem(tmp_path):
 
 
 def test_videoalign_needs_the_user_supplied_prompt_template(reward_dir):
-    root = reward_dir[0]
-    (root / "VideoReward" / "prompt_template.txt").unlink()
-    with pytest.raises(VideoAlignError, match="prompt_template.txt is missing"):
-        build_reward("videoalign", {"path": str(root)})
+    template = reward_dir[0] / "VideoReward" / "prompt_template.txt"
+    text = template.read_text()
+    template.unlink()
+    try:
+        with pytest.raises(VideoAlignError, match="prompt_template.txt is missing"):
+            build_reward("videoalign", {"path": str(reward_dir[0])})
+    finally:  # the fixture is shared by the module
+        template.write_text(text)
