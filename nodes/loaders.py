@@ -117,7 +117,7 @@ class RewardForcingLoadModel:
                 f"(pick the causal student, not a VAE, text encoder or LoRA): {err}"
             ) from err
         if dtype == FP8:
-            from .fp8 import store_linears_fp8
+            from rf_core.model.fp8 import store_linears_fp8
 
             store_linears_fp8(dit)
         handle = RFModel(Managed.wrap(dit, managed), model_name, source)

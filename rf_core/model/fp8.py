@@ -1,6 +1,12 @@
-"""Opt-in fp8 compute for the DiT's linear layers (Hopper fp8 tensor cores via torch._scaled_mm).
+"""fp8 for the DiT's linear layers, two ways.
 
-Weights are stored as float8 e4m3 with one scale per tensor (amax / 448); activations are quantised
+- Storage (``store_linears_fp8``): weights kept as float8 e4m3 without scale and cast back to the
+  compute dtype on every call, like ComfyUI's ``fp8_e4m3fn`` weight dtype: half the weight memory,
+  bf16 maths on the rounded weights.
+- Compute (``use_fp8_linears``, opt-in via ``make_fast(fp8=True)``): fp8 GEMMs on Hopper's tensor cores
+  through ``torch._scaled_mm``.
+
+For compute, weights are stored as float8 e4m3 with one scale per tensor (amax / 448); activations are quantised
 per tensor on the fly the same way; the product is accumulated in fp32 and returned in the input dtype
 with the bias added. This changes the numbers (e4m3 keeps 3 mantissa bits): it is a speed option whose
 output difference is measured (benchmarks/accuracy_check.py), never a default.
@@ -40,6 +46,24 @@ class Fp8Linear(nn.Module):
             xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, bias=bias, out_dtype=x.dtype
         )
         return out.reshape(*shape[:-1], self.out_features)
+
+
+class Fp8StoredLinear(nn.Linear):
+    """nn.Linear whose weight is stored in float8 and used in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+@torch.no_grad()
+def store_linears_fp8(model: nn.Module, dtype: torch.dtype = E4M3) -> nn.Module:
+    """Cast the weights of every nn.Linear inside ``model.blocks`` to ``dtype`` in place."""
+    for module in model.blocks.modules():
+        if type(module) is nn.Linear:
+            module.weight = nn.Parameter(module.weight.to(dtype), requires_grad=False)
+            module.__class__ = Fp8StoredLinear
+    return model
 
 
 @torch.no_grad()
