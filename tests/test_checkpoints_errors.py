@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rf_core.io.checkpoints import load_dit, open_dit_checkpoint
-from rf_core.io.safe_load import CheckpointError, SafetensorsFile, save_tensors
+from rf_core.io.safe_load import CheckpointError, SafetensorsFile, read_state_dict, save_tensors
 from rf_core.tiny import random_model
 
 
@@ -195,3 +195,23 @@ def test_our_safetensors_reader_and_writer_agree_with_the_reference_library(tmp_
             got = f.get_tensor(k)
             assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(raw(got), raw(v)), k
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_state_dict_reader_unwraps_state_dict_and_converts_only_float_tensors(tmp_path):
+    # The reader the VAE, TAEHV and umT5 loaders share: same result from a pickle nested under
+    # "state_dict" and from a flat safetensors file.
+    w, n, skipped = torch.randn(2, 3), torch.tensor([3, 1 << 40]), torch.ones(4)
+    torch.save({"state_dict": {"w": w, "n": n, "encoder.x": skipped}}, tmp_path / "nested.pth")
+    save_tensors(tmp_path / "flat.safetensors", {"w": w, "n": n, "encoder.x": skipped})
+    for name in ("nested.pth", "flat.safetensors"):
+        got = read_state_dict(tmp_path / name, dtype=torch.float64, keep=lambda k: k != "encoder.x")
+        assert set(got) == {"w", "n"}, name
+        assert got["w"].dtype == torch.float64 and torch.equal(got["w"], w.double()), name
+        assert got["n"].dtype == torch.int64 and torch.equal(got["n"], n), name  # integers kept as stored
+
+    torch.save({"blocks": {"0.weight": torch.ones(1)}}, tmp_path / "deep.pth")
+    with pytest.raises(CheckpointError, match=r"deep\.pth: entry 'blocks' is a dict, not a tensor"):
+        read_state_dict(tmp_path / "deep.pth")
+    torch.save([torch.ones(1)], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match=r"list\.pth: expected a state dict .*got a list"):
+        read_state_dict(tmp_path / "list.pth")

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from rf_core.io.safe_load import CheckpointError
 from rf_core.vae.stream_decode import TAEHVStreamDecoder
 from rf_core.vae.taehv import TAEHV, MemBlock, TAEHVConfig, TGrow, load_taehv
-from rf_core.vae.weights import CheckpointError
 
 SMALL = (12, 8, 6, 4)  # all widths differ, so that a mix-up in reading them is caught
 

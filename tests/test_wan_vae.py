@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from rf_core.io.safe_load import CheckpointError
 from rf_core.vae.stream_decode import WanStreamDecoder
 from rf_core.vae.wan_layers import CausalConv3d, ResidualBlock, Upsample
 from rf_core.vae.wan_vae import WanVAE, WanVAEConfig, load_wan_vae, wan_vae_from_state_dict
-from rf_core.vae.weights import CheckpointError
 
 TINY = WanVAEConfig(dim=8)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -56,9 +56,13 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Activation scales are only used by fp8 matmul kernels; dequantised weights do not need them.
-_INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+QUANT_TAG_SUFFIX = ".comfy_quant"
+# Keys of fp8 files that hold quantisation bookkeeping rather than weights.
+FP8_BOOKKEEPING_SUFFIXES = (*SCALE_SUFFIXES, *INPUT_SCALE_SUFFIXES, QUANT_TAG_SUFFIX)
+SCALED_FP8_MARKER = "scaled_fp8"
 _LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", "lora_unet_", ".lora.down.", ".lora.up.")
 
 # diffusers WanTransformer3DModel module names -> Wan names (diffusers' convert_wan_to_diffusers.py
@@ -245,11 +249,11 @@ def canonicalize(flat: Mapping[str, LazyTensor], fmt: str, source: str) -> Canon
     marker = False
     for key, t in flat.items():
         last = key.rsplit(".", 1)[-1]
-        if last == "scaled_fp8":
+        if last == SCALED_FP8_MARKER:
             marker = True
             out.ignored.append(key)
             continue
-        if key.endswith(".comfy_quant"):
+        if key.endswith(QUANT_TAG_SUFFIX):
             _check_comfy_quant(key, t, source)
             out.ignored.append(key)
             continue
@@ -258,10 +262,10 @@ def canonicalize(flat: Mapping[str, LazyTensor], fmt: str, source: str) -> Canon
                 f"{source}: key {key!r}: block-scaled 4-bit weights (nvfp4) are not supported; use an "
                 "fp8, fp16, bf16 or fp32 file"
             )
-        if key.endswith(_INPUT_SCALE_SUFFIXES):
+        if key.endswith(INPUT_SCALE_SUFFIXES):
             out.ignored.append(key)
             continue
-        scale_sfx = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
+        scale_sfx = next((s for s in SCALE_SUFFIXES if key.endswith(s)), None)
         target = key[: -len(scale_sfx)] + ".weight" if scale_sfx else key
         wan = to_wan_key(target, fmt)
         store = out.scales if scale_sfx else out.weights
@@ -274,15 +278,45 @@ def canonicalize(flat: Mapping[str, LazyTensor], fmt: str, source: str) -> Canon
     for wan, s in out.scales.items():
         if wan not in out.weights:
             raise CheckpointError(f"{source}: scale {origin['s' + wan]!r} has no weight {wan!r}")
-        rows = out.weights[wan].shape[0] if out.weights[wan].shape else 1
-        if s.numel not in (1, rows):
-            raise CheckpointError(
-                f"{source}: scale {origin['s' + wan]!r} has {s.numel} values; expected 1 or one per output "
-                f"row of {origin['w' + wan]!r} ({rows})"
-            )
+        check_fp8_scale(s, out.weights[wan], source, origin["s" + wan], origin["w" + wan])
     if any(t.dtype in FP8_DTYPES for t in out.weights.values()):
         out.quantization = "scaled-fp8" if (out.scales or marker) else "fp8"
     return out
+
+
+def scale_key_of(weight_key: str, keys: Container[str]) -> str | None:
+    """The key of ``weight_key``'s per-tensor fp8 scale among ``keys``, or None when it has none."""
+    base = weight_key.removesuffix(".weight")
+    return next((base + sfx for sfx in SCALE_SUFFIXES if base + sfx in keys), None)
+
+
+def check_fp8_scale(
+    scale: LazyTensor, weight: LazyTensor, source: str, scale_key: str, weight_key: str
+) -> None:
+    """A weight's fp8 scale must be a single value or one per output row (block-wise scales, which
+    need their own kernels, are refused)."""
+    rows = weight.shape[0] if weight.shape else 1
+    if scale.numel not in (1, rows):
+        raise CheckpointError(
+            f"{source}: scale {scale_key!r} has shape {list(scale.shape)} ({scale.numel} values); expected 1 "
+            f"or one per output row of {weight_key!r} ({rows}); block-wise scales are not supported"
+        )
+
+
+def dequantize(
+    weight: LazyTensor,
+    scale: LazyTensor | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``weight * scale`` (computed in float32) on ``device`` in ``dtype``; without a scale, the weight
+    converted. ``scale`` has been checked by ``check_fp8_scale``: one value or one per output row."""
+    if scale is None:
+        return weight.load_as(device, dtype)
+    t = weight.load_as(device, torch.float32)
+    s = scale.load().to(t.device, torch.float32)
+    s = s.reshape(()) if s.numel() == 1 else s.reshape(-1, *([1] * (t.ndim - 1)))
+    return (t * s).to(dtype)
 
 
 def _check_comfy_quant(key: str, t: LazyTensor, source: str) -> None:

@@ -11,8 +11,11 @@
   until it is used.
 * ``write_safetensors`` streams tensors to disk one at a time and renames the finished file into
   place, so a crash never leaves a half-written file under the final name.
+* ``check_module_keys`` / ``assign_state_dict`` compare a state dict with a module built on the meta
+  device and make the module's parameters *be* the loaded tensors, so the weights exist once.
 
 Every reader returns ``LazyTensor`` entries: shape and dtype are known without reading the data.
+Every loader (DiT, LoRA, VAE, TAEHV, umT5) reads through this module and raises ``CheckpointError``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 class CheckpointError(ValueError):
@@ -84,13 +88,16 @@ _MAX_HEADER = 100 * 1024 * 1024
 def sniff(path: Path) -> str:
     """'safetensors', 'pickle' (torch.save zip or legacy pickle) or raise."""
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: not found (no such checkpoint file)")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a checkpoint file")
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) < 9:
-        raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
+        raise CheckpointError(
+            f"{path}: not a safetensors file or a torch.save checkpoint: the file is empty or truncated "
+            f"({len(head)} bytes)"
+        )
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "pickle"
     n = struct.unpack("<Q", head[:8])[0]
@@ -245,9 +252,38 @@ def read_tensor_file(path: str | Path) -> tuple[TensorTree, dict[str, str]]:
     obj = torch_load(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"{path}: expected a dict of tensors (a state dict), got a {type(obj).__name__}"
+            f"{path}: expected a state dict (a dict of tensors), got a {type(obj).__name__}"
         )
     return _wrap_tree(obj, path, ""), {}
+
+
+def read_flat_state_dict(path: str | Path) -> dict[str, LazyTensor]:
+    """The tensors of a single-model checkpoint, unread: a flat state dict, or one nested under a
+    top-level ``state_dict`` (as Lightning and some training scripts save it). Any other nesting or
+    non-tensor entry is an error naming the entry."""
+    tree, _ = read_tensor_file(path)
+    if isinstance(tree.get("state_dict"), Mapping):
+        tree = tree["state_dict"]
+    for k, v in tree.items():
+        if not isinstance(v, LazyTensor):
+            raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+    return dict(tree)
+
+
+def read_state_dict(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``read_flat_state_dict`` with the data read, tensor by tensor, onto ``device`` (None: CPU) with
+    floating-point tensors in ``dtype`` (None: as stored). ``keep(key)``, if given, selects the tensors
+    to read; the others are never read."""
+    return {
+        k: t.load_as(device, dtype if dtype is not None and t.dtype.is_floating_point else t.dtype)
+        for k, t in read_flat_state_dict(path).items()
+        if keep is None or keep(k)
+    }
 
 
 def _wrap_tree(obj: Mapping, path: Path, prefix: str) -> dict[str, object]:
@@ -316,3 +352,63 @@ def save_tensors(
     """``write_safetensors`` for tensors already in memory."""
     layout = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
     write_safetensors(path, layout, tensors.__getitem__, metadata)
+
+
+def check_module_keys(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor | LazyTensor],
+    source: str,
+    file_keys: Mapping[str, str] | None = None,
+) -> None:
+    """``check_shapes`` against the parameters and buffers of ``module`` (typically built on meta)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_shapes(expected, state_dict, source, type(module).__name__, file_keys)
+
+
+def check_shapes(
+    expected: Mapping[str, tuple[int, ...]],
+    state_dict: Mapping[str, torch.Tensor | LazyTensor],
+    source: str,
+    model: str,
+    file_keys: Mapping[str, str] | None = None,
+) -> None:
+    """Raise ``CheckpointError`` listing every missing and unexpected key and every shape mismatch
+    between ``state_dict`` (tensors, or ``LazyTensor`` to check before reading any data) and the
+    ``expected`` shapes of ``model``. ``file_keys`` maps renamed keys back to the file's names, for
+    the message."""
+    file_keys = file_keys or {}
+
+    def named(k: str) -> str:
+        return f"{k} (file key {file_keys[k]!r})" if file_keys.get(k, k) != k else k
+
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [file_keys.get(k, k) for k in state_dict if k not in expected]
+    wrong = [
+        f"{named(k)}: expected {list(expected[k])}, got {list(state_dict[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{source}: checkpoint does not match {model}"]
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if wrong:
+        parts.append(f"shape mismatches ({len(wrong)}): {_listing(wrong)}")
+    raise CheckpointError("; ".join(parts))
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def assign_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Check, then make the module's parameters *be* the given tensors (no copy).
+
+    Meant for a module built on the meta device, so that the weights exist in memory once.
+    """
+    check_module_keys(module, state_dict, source)
+    module.load_state_dict(state_dict, strict=True, assign=True)

@@ -13,7 +13,7 @@ from rf_core.text.embeddings import (
 from rf_core.text.text_encoder import TextEncoder
 from rf_core.text.tokenizer import UMT5Tokenizer, clean_prompt
 from rf_core.text.umt5 import UMT5_TINY, UMT5_XXL, UMT5Config, UMT5Encoder
-from rf_core.text.umt5_checkpoint import UMT5CheckpointError, load_umt5
+from rf_core.text.umt5_checkpoint import load_umt5
 
 __all__ = [
     "NEGATIVE_PROMPT_NAME",
@@ -24,7 +24,6 @@ __all__ = [
     "PromptEmbeddingError",
     "PromptEmbeddingFile",
     "TextEncoder",
-    "UMT5CheckpointError",
     "UMT5Config",
     "UMT5Encoder",
     "UMT5Tokenizer",

@@ -10,27 +10,39 @@ Two naming schemes are accepted:
 
 float8 weights are dequantised on load: ``weight.float() * scale`` where the scale is the optional
 ``<layer>.scale_weight`` (ComfyUI "scaled_fp8" files) or ``<layer>.weight_scale`` (newer
-``comfy_quant`` files) tensor, a scalar or one value per output row.
+``comfy_quant`` files) tensor, a scalar or one value per output row. File reading, fp8 handling and
+the key/shape check are the DiT loader's (``rf_core.io.safe_load``, ``rf_core.io.formats``); errors
+are ``rf_core.io.safe_load.CheckpointError``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
+from rf_core.io.formats import (
+    FP8_BOOKKEEPING_SUFFIXES,
+    FP8_DTYPES,
+    SCALED_FP8_MARKER,
+    check_fp8_scale,
+    dequantize,
+    scale_key_of,
+)
+from rf_core.io.safe_load import (
+    CheckpointError,
+    LazyTensor,
+    assign_state_dict,
+    check_module_keys,
+    read_flat_state_dict,
+)
 from rf_core.text.umt5 import UMT5Config, UMT5Encoder
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 # Keys that carry no encoder weight: quantisation bookkeeping, the embedded SentencePiece model,
 # and the decoder half of full encoder-decoder files.
-_IGNORED_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
-_IGNORED_NAMES = ("scaled_fp8", "spiece_model")
+_IGNORED_NAMES = (SCALED_FP8_MARKER, "spiece_model")
 _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 
 _COMFY_BLOCK_NAMES = {
@@ -49,88 +61,6 @@ _COMFY_BLOCK_KEY = re.compile(r"encoder\.block\.(\d+)\.(.+)")
 _WAN_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 
 
-class UMT5CheckpointError(ValueError):
-    """A text-encoder file that cannot be used; the message names the file and the key."""
-
-
-@dataclass
-class _TensorFile:
-    """Lazy access to a checkpoint's tensors by name."""
-
-    path: Path
-    keys: list[str]
-    shape: Callable[[str], tuple[int, ...]]
-    dtype: Callable[[str], torch.dtype]
-    get: Callable[[str], torch.Tensor]
-
-
-def _open_tensor_file(path: Path) -> _TensorFile:
-    if not path.is_file():
-        raise UMT5CheckpointError(f"text encoder file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return _open_pickle(path)
-    if len(head) == 9 and head[8:9] == b"{":
-        return _open_safetensors(path)
-    raise UMT5CheckpointError(
-        f"{path}: not a safetensors file or a torch.save checkpoint (first bytes {head!r})"
-    )
-
-
-def _open_safetensors(path: Path) -> _TensorFile:
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as err:  # the library raises its own error types for corrupt headers
-        raise UMT5CheckpointError(f"{path}: cannot read safetensors header: {err}") from err
-    keys = list(handle.keys())
-    infos = {}
-
-    def info(key: str):
-        if key not in infos:
-            sl = handle.get_slice(key)
-            infos[key] = (tuple(sl.get_shape()), _safetensors_dtype(path, key, sl.get_dtype()))
-        return infos[key]
-
-    return _TensorFile(path, keys, lambda k: info(k)[0], lambda k: info(k)[1], handle.get_tensor)
-
-
-def _safetensors_dtype(path: Path, key: str, name: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn,
-        "F8_E5M2": torch.float8_e5m2,
-        "U8": torch.uint8,
-        "I8": torch.int8,
-        "I32": torch.int32,
-        "I64": torch.int64,
-        "BOOL": torch.bool,
-    }
-    if name not in table:
-        raise UMT5CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {name}")
-    return table[name]
-
-
-def _open_pickle(path: Path) -> _TensorFile:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise UMT5CheckpointError(f"{path}: cannot load checkpoint: {err}") from err
-        # Legacy (non-zip) torch.save files cannot be memory-mapped; read them whole.
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UMT5CheckpointError(f"{path}: cannot load checkpoint: {err}") from err
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UMT5CheckpointError(f"{path}: expected a flat state dict of tensors, got {type(sd).__name__}")
-    return _TensorFile(path, list(sd), lambda k: tuple(sd[k].shape), lambda k: sd[k].dtype, sd.__getitem__)
-
-
 def _find_prefix(keys: list[str], anchor: str) -> str | None:
     for key in keys:
         if key == anchor or key.endswith("." + anchor):
@@ -139,17 +69,21 @@ def _find_prefix(keys: list[str], anchor: str) -> str | None:
 
 
 def _is_ignored(name: str) -> bool:
-    return name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES)
+    return (
+        name in _IGNORED_NAMES
+        or name.endswith(FP8_BOOKKEEPING_SUFFIXES)
+        or name.startswith(_IGNORED_PREFIXES)
+    )
 
 
-def _map_names(tf: _TensorFile) -> dict[str, str]:
+def _map_names(path: Path, tensors: dict[str, LazyTensor]) -> dict[str, str]:
     """Our key -> the file's key. Raises on an unknown layout or a key we cannot place."""
-    keys = tf.keys
+    keys = list(tensors)
     comfy_prefix = _find_prefix(keys, "encoder.final_layer_norm.weight")
     wan_prefix = None if comfy_prefix is not None else _find_prefix(keys, "token_embedding.weight")
     if comfy_prefix is None and wan_prefix is None:
-        raise UMT5CheckpointError(
-            f"{tf.path}: not a umT5 encoder checkpoint: found neither 'encoder.final_layer_norm.weight' "
+        raise CheckpointError(
+            f"{path}: not a umT5 encoder checkpoint: found neither 'encoder.final_layer_norm.weight' "
             f"(ComfyUI/Hugging Face names) nor 'token_embedding.weight' (Wan names); first keys: {keys[:5]}"
         )
     prefix = comfy_prefix if comfy_prefix is not None else wan_prefix
@@ -162,7 +96,7 @@ def _map_names(tf: _TensorFile) -> dict[str, str]:
             continue
         target = _comfy_to_ours(name) if comfy_prefix is not None else name
         if target is None:
-            raise UMT5CheckpointError(f"{tf.path}: unexpected key {key!r} in a umT5 encoder checkpoint")
+            raise CheckpointError(f"{path}: unexpected key {key!r} in a umT5 encoder checkpoint")
         # Hugging Face files hold the embedding twice (shared + encoder.embed_tokens, tied); keep one.
         if target in ours and target == "token_embedding.weight":
             continue
@@ -181,18 +115,18 @@ def _comfy_to_ours(name: str) -> str | None:
     return None
 
 
-def _infer_config(tf: _TensorFile, names: dict[str, str], base: UMT5Config) -> UMT5Config:
+def _infer_config(path: Path, weights: dict[str, LazyTensor], base: UMT5Config) -> UMT5Config:
     def shape(our_key: str) -> tuple[int, ...]:
-        if our_key not in names:
-            raise UMT5CheckpointError(f"{tf.path}: missing key {our_key!r} (needed to size the model)")
-        return tf.shape(names[our_key])
+        if our_key not in weights:
+            raise CheckpointError(f"{path}: missing key {our_key!r} (needed to size the model)")
+        return weights[our_key].shape
 
-    layers = sorted({int(m.group(1)) for k in names if (m := _WAN_BLOCK_KEY.match(k))})
+    layers = sorted({int(m.group(1)) for k in weights if (m := _WAN_BLOCK_KEY.match(k))})
     if not layers:
-        raise UMT5CheckpointError(f"{tf.path}: no encoder blocks found")
+        raise CheckpointError(f"{path}: no encoder blocks found")
     if layers != list(range(len(layers))):
         missing = sorted(set(range(layers[-1] + 1)) - set(layers))
-        raise UMT5CheckpointError(f"{tf.path}: encoder blocks {missing} are missing (found {len(layers)})")
+        raise CheckpointError(f"{path}: encoder blocks {missing} are missing (found {len(layers)})")
     vocab, dim = shape("token_embedding.weight")
     buckets, heads = shape("blocks.0.pos_embedding.embedding.weight")
     found = dict(
@@ -211,38 +145,24 @@ def _check_config(path: Path, found: UMT5Config, expected: UMT5Config) -> None:
     for f in fields(UMT5Config):
         got, want = getattr(found, f.name), getattr(expected, f.name)
         if got != want:
-            raise UMT5CheckpointError(f"{path}: encoder {f.name} is {got} in the file, expected {want}")
+            raise CheckpointError(f"{path}: encoder {f.name} is {got} in the file, expected {want}")
 
 
-def _read_weight(tf: _TensorFile, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = tf.get(key)
-    if t.dtype in _FP8:
-        t = t.to(torch.float32)
-        base = key[: -len(".weight")] if key.endswith(".weight") else key
-        for suffix in _SCALE_SUFFIXES:
-            if base + suffix in tf.keys:
-                t = t * _scale_for(tf, base + suffix, tuple(t.shape))
-                break
-    elif t.dtype not in _FLOAT:
-        raise UMT5CheckpointError(f"{tf.path}: tensor {key!r} has dtype {t.dtype}, expected a float type")
-    return t.to(device=device, dtype=dtype)
-
-
-def _scale_for(tf: _TensorFile, key: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    scale = tf.get(key).to(torch.float32)
-    if scale.numel() == 1:
-        return scale.reshape(())
-    if len(weight_shape) == 2 and scale.numel() == weight_shape[0]:
-        return scale.reshape(-1, 1)
-    raise UMT5CheckpointError(
-        f"{tf.path}: scale {key!r} has shape {list(scale.shape)}; only a scalar or one value per output "
-        f"row of the weight {list(weight_shape)} is supported (block-wise quantisation is not)"
-    )
-
-
-def _default_dtype(tf: _TensorFile, names: dict[str, str]) -> torch.dtype:
-    dt = tf.dtype(names["blocks.0.attn.q.weight"])
-    return torch.bfloat16 if dt in _FP8 else dt
+def _scales(path: Path, tensors: dict[str, LazyTensor], names: dict[str, str]) -> dict[str, LazyTensor]:
+    """Our key -> the (checked) fp8 scale of that weight, for the fp8 weights that have one. Weights
+    that are neither fp8 nor another float type are refused."""
+    scales = {}
+    for ours, key in names.items():
+        t = tensors[key]
+        if t.dtype not in FP8_DTYPES:
+            if not t.dtype.is_floating_point:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {t.dtype}, expected a float type")
+            continue
+        scale_key = scale_key_of(key, tensors)
+        if scale_key is not None:
+            check_fp8_scale(tensors[scale_key], t, str(path), scale_key, key)
+            scales[ours] = tensors[scale_key]
+    return scales
 
 
 def load_umt5(
@@ -256,32 +176,24 @@ def load_umt5(
     The model is sized from the file (pass ``config`` to insist on a size, e.g. ``UMT5_XXL``), built
     on the meta device and its parameters assigned from the file, one tensor at a time, cast to
     ``dtype`` (default: the file's dtype; bfloat16 for float8 files) and moved to ``device``
-    (default CPU). Returned in eval mode without gradients.
+    (default CPU). Everything is checked before any tensor data is read. Returned in eval mode
+    without gradients.
     """
     path = Path(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    tf = _open_tensor_file(path)
-    names = _map_names(tf)
-    found = _infer_config(tf, names, config or UMT5Config())
+    tensors = read_flat_state_dict(path)
+    names = _map_names(path, tensors)
+    weights = {ours: tensors[key] for ours, key in names.items()}
+    found = _infer_config(path, weights, config or UMT5Config())
     if config is not None:
         _check_config(path, found, config)
     with torch.device("meta"):
         model = UMT5Encoder(found)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in names]
-    if missing:
-        raise UMT5CheckpointError(f"{path}: missing {len(missing)} encoder key(s), first: {missing[:3]}")
-    extra = [names[k] for k in names if k not in expected]
-    if extra:
-        raise UMT5CheckpointError(f"{path}: unexpected key(s) {extra[:3]} in a umT5 encoder checkpoint")
-    for key, want in expected.items():
-        got = tf.shape(names[key])
-        if got != want:
-            source = f" (file key {names[key]!r})" if names[key] != key else ""
-            raise UMT5CheckpointError(
-                f"{path}: tensor {key!r}{source} has shape {list(got)}, expected {list(want)}"
-            )
-    dtype = dtype or _default_dtype(tf, names)
-    state = {key: _read_weight(tf, names[key], dtype, device) for key in expected}
-    model.load_state_dict(state, strict=True, assign=True)
+    check_module_keys(model, weights, str(path), file_keys=names)
+    scales = _scales(path, tensors, names)
+    if dtype is None:
+        file_dtype = weights["blocks.0.attn.q.weight"].dtype
+        dtype = torch.bfloat16 if file_dtype in FP8_DTYPES else file_dtype
+    state = {k: dequantize(t, scales.get(k), device, dtype) for k, t in weights.items()}
+    assign_state_dict(model, state, str(path))
     return model.eval().requires_grad_(False)

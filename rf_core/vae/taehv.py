@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rf_core.io.safe_load import CheckpointError, assign_state_dict, read_state_dict
 from rf_core.vae.latent_format import LATENT_CHANNELS
 from rf_core.vae.tensor_utils import at_least_fp32
-from rf_core.vae.weights import CheckpointError, assign_state_dict, read_state_dict
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rf_core.io.safe_load import CheckpointError, assign_state_dict, read_state_dict
 from rf_core.vae.latent_format import LATENT_CHANNELS, latent_stats
 from rf_core.vae.tensor_utils import at_least_fp32
 from rf_core.vae.wan_layers import (
@@ -28,7 +29,6 @@ from rf_core.vae.wan_layers import (
     RMSNorm,
     Upsample,
 )
-from rf_core.vae.weights import CheckpointError, assign_state_dict, read_state_dict
 
 TIME_STRIDE = 4
 SPACE_STRIDE = 8
