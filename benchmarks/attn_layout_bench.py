@@ -48,7 +48,9 @@ def main():
         ]:
             try:
                 with sdpa_kernel([be]):
-                    out[f"{lname}/{bname}"] = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+                    out[f"{lname}/{bname}"] = bench(
+                        lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+                    )
             except Exception as e:
                 out[f"{lname}/{bname}"] = f"unavailable: {str(e).splitlines()[0][:120]}"
         out[f"{lname}/default"] = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
@@ -56,7 +58,9 @@ def main():
             [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
             set_priority=True,
         ):
-            out[f"{lname}/cudnn_priority"] = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+            out[f"{lname}/cudnn_priority"] = bench(
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+            )
     print(json.dumps(out, indent=1))
 
 

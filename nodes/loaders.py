@@ -9,7 +9,6 @@ import torch
 
 from rf_core.io.safe_load import CheckpointError
 from rf_core.model.attention import BACKENDS
-from rf_core.vae.weights import CheckpointError as DecoderFileError
 
 from . import comfy
 from .common import CATEGORY
@@ -198,9 +197,9 @@ class RewardForcingLoadDecoder:
         }
 
     def load(self, decoder_name: str, dtype: str = "auto"):
+        from rf_core.io.safe_load import read_state_dict
         from rf_core.vae.taehv import taehv_from_state_dict
         from rf_core.vae.wan_vae import wan_vae_from_state_dict
-        from rf_core.vae.weights import read_state_dict
 
         path = comfy.full_path(DECODER_FOLDERS, decoder_name)
         source = _source(path, "decoder", dtype)
@@ -224,11 +223,11 @@ class RewardForcingLoadDecoder:
                 decoder_sd = {k: v for k, v in sd.items() if not k.startswith("encoder.")}
                 kind, module = "taehv", taehv_from_state_dict(decoder_sd, source=decoder_name)
             else:
-                raise DecoderFileError(
+                raise CheckpointError(
                     f"{decoder_name}: neither a Wan 2.1 VAE (no decoder.head.2.weight) nor a TAEHV decoder "
                     f"(no decoder.1.weight)"
                 )
-        except (CheckpointError, DecoderFileError) as err:
+        except CheckpointError as err:
             raise ValueError(f"{decoder_name} is not a Wan 2.1 VAE or TAEHV file: {err}") from err
         handle = RFDecoder(Managed.wrap(module, mm is not None, vae=True), kind, decoder_name, source)
         _LOADED[source] = handle

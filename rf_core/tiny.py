@@ -47,7 +47,6 @@ def random_model(
     return model.to(dtype).eval().requires_grad_(False)
 
 
-
 def random_prompt(
     cfg: DiTConfig | str = "tiny", batch: int = 1, tokens: int | None = None, seed: int = 0
 ) -> torch.Tensor:

@@ -49,12 +49,22 @@ def rf_model_dir(tmp_path_factory, rf_pack):
     root = tmp_path_factory.mktemp("models")
     g = torch.Generator().manual_seed(7)
     folders = {}
-    for name in ("diffusion_models", "reward_forcing", "vae", "vae_approx", "loras", "reward_forcing_prompts"):
+    for name in (
+        "diffusion_models",
+        "reward_forcing",
+        "vae",
+        "vae_approx",
+        "loras",
+        "reward_forcing_prompts",
+    ):
         folders[name] = root / name
         folders[name].mkdir()
     # Reward Forcing's released layout: one flat dict of "model."-prefixed generator weights.
     dit = random_model("tiny", seed=0)
-    torch.save({f"model.{k}": v for k, v in dit.state_dict().items()}, folders["diffusion_models"] / "rewardforcing.pt")
+    torch.save(
+        {f"model.{k}": v for k, v in dit.state_dict().items()},
+        folders["diffusion_models"] / "rewardforcing.pt",
+    )
     vae = WanVAE(WanVAEConfig(dim=8))
     with torch.no_grad():
         for name, p in vae.named_parameters():  # random gains/biases too: all-ones gains hide mistakes
@@ -62,7 +72,9 @@ def rf_model_dir(tmp_path_factory, rf_pack):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, folders["vae"] / "wan_2.1_vae.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in vae.state_dict().items()}, folders["vae"] / "wan_2.1_vae.safetensors"
+    )
     torch.save(TAEHV(TAEHVConfig(widths=(8, 8, 8, 8))).state_dict(), folders["vae_approx"] / "taew2_1.pth")
     for name, path in folders.items():
         rf_pack.nodes.comfy.set_fallback_folders(name, [path])

@@ -28,13 +28,20 @@ from rf_core.io.formats import (
     apply_config_json,
     canonicalize,
     check_against,
+    dequantize,
     detect_format,
     infer_config,
     normalize_format,
     read_config_json,
     select_section,
 )
-from rf_core.io.safe_load import CheckpointError, LazyTensor, read_tensor_file, write_safetensors
+from rf_core.io.safe_load import (
+    CheckpointError,
+    LazyTensor,
+    check_shapes,
+    read_tensor_file,
+    write_safetensors,
+)
 from rf_core.lora import Lora, load_lora, lora_param_deltas, merge_lora_into
 from rf_core.model.dit import WanDiT
 
@@ -86,15 +93,8 @@ class DitCheckpoint:
         self, key: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """One weight, dequantised if it is float8, on ``device`` in ``dtype``."""
-        dtype = dtype or self.file_dtype
-        entry, scale = self.canonical.weights[key], self.canonical.scales.get(key)
-        if scale is None:
-            return entry.load_as(device, dtype)
-        t = entry.load_as(device, torch.float32)
-        s = scale.load().to(t.device, torch.float32)
-        if s.numel() != 1:  # one scale per output row (checked in canonicalize)
-            s = s.reshape(-1, *([1] * (t.ndim - 1)))
-        return (t * s).to(dtype)
+        scale = self.canonical.scales.get(key)
+        return dequantize(self.canonical.weights[key], scale, device, dtype or self.file_dtype)
 
 
 @dataclass
@@ -261,37 +261,16 @@ def expected_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_keys(canon: Canonical, cfg: DiTConfig, fmt: str, source: str) -> None:
-    want = expected_shapes(cfg)
-    have = canon.weights
-    missing = [k for k in want if k not in have]
-    unexpected = [t.origin.split(": ", 1)[-1] for k, t in have.items() if k not in want]
-    wrong = [
-        f"{t.origin.split(': ', 1)[-1]!r}"
-        + (f" (Wan name {k!r})" if fmt != "wan" else "")
-        + f": expected {list(want[k])}, got {list(t.shape)}"
-        for k, t in have.items()
-        if k in want and tuple(t.shape) != want[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (Wan names): {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatches: {_listing(wrong)}")
-    if problems:
-        raise CheckpointError(
-            f"{source} (layout {fmt!r}, model {cfg.num_layers} blocks x {cfg.dim}) does not fit the Wan2.1 "
-            "DiT: " + "; ".join(problems)
-        )
-    for t in have.values():
+    check_shapes(
+        expected_shapes(cfg),
+        canon.weights,
+        f"{source} (layout {fmt!r}, model {cfg.num_layers} blocks x {cfg.dim})",
+        "the Wan2.1 DiT",
+        file_keys={k: t.origin.split(": ", 1)[-1] for k, t in canon.weights.items()},
+    )
+    for t in canon.weights.values():
         if not t.dtype.is_floating_point:
             raise CheckpointError(f"{t.origin}: dtype {t.dtype} is not a floating-point weight")
-
-
-def _listing(items: list[str]) -> str:
-    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return ", ".join(items[:_MAX_LISTED]) + more
 
 
 def load_dit_state_dict(

@@ -262,15 +262,17 @@ class WanDiT(nn.Module):
         return [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
 
     def time_embed(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] or [B, f] -> e [B, f, dim], e0 [B, f, 6, dim]."""
-        if t.ndim == 1:
-            t = t[:, None].expand(batch, frames)
-        if tuple(t.shape) != (batch, frames):
+        """t [B] or [B, f] -> e [B, f, dim], e0 [B, f, 6, dim]. A [B] timestep is embedded once per
+        sample and broadcast over frames, as Wan's bidirectional model does (bit-identical to it)."""
+        per_sample = t.ndim == 1
+        if tuple(t.shape) != ((batch,) if per_sample else (batch, frames)):
             raise ValueError(
                 f"timesteps must be [B] or [B, frames] = [{batch}, {frames}], got {list(t.shape)}"
             )
         e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).to(self.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim))
+        if per_sample:
+            return e[:, None].expand(batch, frames, -1), e0[:, None].expand(batch, frames, -1, -1)
         return e.unflatten(0, (batch, frames)), e0.unflatten(0, (batch, frames))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

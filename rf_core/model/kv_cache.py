@@ -158,7 +158,9 @@ class CachePlan(AttentionPlan):
         self.fused = False  # set by the caller when the model runs compiled
         layers = range(cache.k.shape[0])
         if self.grad:
-            self.prefix = [(cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers]
+            self.prefix = [
+                (cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers
+            ]
         elif cache.kr is not None and cache.roped_frames < start:
             for i in layers:  # one re-rope of the window per chunk, after eviction moved it
                 cache.kr[i, :, : self.lo] = self._rope_prefix(cache.k[i, :, : self.lo])
@@ -178,7 +180,9 @@ class CachePlan(AttentionPlan):
             pk, pv = self.prefix[layer]
             if self.lo == 0:
                 return k_roped, v
-            return torch.cat([self._rope_prefix(pk), k_roped.to(pk.dtype)], 1), torch.cat([pv, v.to(pv.dtype)], 1)
+            return torch.cat([self._rope_prefix(pk), k_roped.to(pk.dtype)], 1), torch.cat(
+                [pv, v.to(pv.dtype)], 1
+            )
         c = self.cache
         c.k[layer, :, self.lo : self.hi] = k
         c.v[layer, :, self.lo : self.hi] = v
@@ -191,7 +195,9 @@ class CachePlan(AttentionPlan):
         return self._rope_window(c.k[layer, :, : self.lo], k_roped), values
 
 
-def _rope_concat(prefix: torch.Tensor, k_roped: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rope_concat(
+    prefix: torch.Tensor, k_roped: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     """Window keys for attention: the cached prefix roped at positions 0.. then the pass's own keys."""
     return torch.cat([apply_rope(prefix, cos, sin).type_as(prefix), k_roped], 1)
 
