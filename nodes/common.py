@@ -99,3 +99,29 @@ def stream_state_bytes(cfg: DiTConfig, config: StreamConfig, hw: tuple[int, int]
     tokens = config.cache_frames * (hw[0] // ph) * (hw[1] // pw)
     size = torch.empty((), dtype=dtype).element_size()
     return 3 * cfg.num_layers * batch * tokens * cfg.dim * size
+
+
+def model_input() -> tuple:
+    """The RF_MODEL input of the streaming nodes."""
+    return ("RF_MODEL", {"tooltip": "Model from Reward Forcing: Load Model (or LoRA)."})
+
+
+def stream_settings_input() -> tuple:
+    """The optional RF_STREAM_CONFIG input of the streaming nodes."""
+    return ("RF_STREAM_CONFIG", {"tooltip": "EMA-Sink settings (default: Reward Forcing's)."})
+
+
+def recache_widget(event: str) -> tuple:
+    """The re-cache toggle; ``event`` names a new prompt's arrival in the node's words ("change", "switch")."""
+    return (
+        "BOOLEAN",
+        {
+            "default": True,
+            "tooltip": f"On a prompt {event}, re-encode the recent frames under the new prompt "
+            "(LongLive-style, smoother switch); off: only new chunks see the new prompt.",
+        },
+    )
+
+
+def fps_widget(tooltip: str) -> tuple:
+    return ("FLOAT", {"default": WAN_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": tooltip})

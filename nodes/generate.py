@@ -12,11 +12,14 @@ from .common import (
     WAN_FPS,
     check_size,
     denoise_steps,
+    fps_widget,
     latent_frames_for,
     latent_hw,
+    model_input,
     seed_widget,
     size_widget,
     steps_widget,
+    stream_settings_input,
     stream_state_bytes,
 )
 from .conditioning import prompt_embeds
@@ -43,6 +46,13 @@ def stream_config(settings: StreamConfig | None, steps: int) -> StreamConfig:
     return (settings or StreamConfig()).replace(denoise_steps=denoise_steps(steps))
 
 
+def stream_inputs(
+    model, settings: StreamConfig | None, steps: int, width: int, height: int
+) -> tuple[RFModel, StreamConfig, tuple[int, int]]:
+    """The checked model, stream settings and latent (height, width) that every streaming node starts from."""
+    return check_model(model), stream_config(settings, steps), latent_hw(width, height)
+
+
 class RewardForcingStreamGenerate:
     DESCRIPTION = (
         "Generate a video chunk by chunk (12 frames each) with the causal model. Outputs a Wan 2.1 LATENT "
@@ -63,7 +73,7 @@ class RewardForcingStreamGenerate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("RF_MODEL", {"tooltip": "Model from Reward Forcing: Load Model (or LoRA)."}),
+                "model": model_input(),
                 "positive": (
                     "CONDITIONING",
                     {
@@ -88,10 +98,7 @@ class RewardForcingStreamGenerate:
                 "steps": steps_widget(),
             },
             "optional": {
-                "settings": (
-                    "RF_STREAM_CONFIG",
-                    {"tooltip": "EMA-Sink settings (default: Reward Forcing's)."},
-                ),
+                "settings": stream_settings_input(),
                 "vae": (
                     "VAE",
                     {"tooltip": "ComfyUI Wan 2.1 VAE (Load VAE): frames decoded exactly, chunk by chunk."},
@@ -108,16 +115,7 @@ class RewardForcingStreamGenerate:
                         "(needs a VAE or decoder). Empty: no file.",
                     },
                 ),
-                "fps": (
-                    "FLOAT",
-                    {
-                        "default": WAN_FPS,
-                        "min": 1.0,
-                        "max": 120.0,
-                        "step": 1.0,
-                        "tooltip": "Frame rate of the video (Wan: 16); also converts seconds to frames.",
-                    },
-                ),
+                "fps": fps_widget("Frame rate of the video (Wan: 16); also converts seconds to frames."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -149,9 +147,7 @@ class RewardForcingStreamGenerate:
         fps: float = WAN_FPS,
         unique_id: str | None = None,
     ):
-        model = check_model(model)
-        config = stream_config(settings, steps)
-        hw = latent_hw(width, height)
+        model, config, hw = stream_inputs(model, settings, steps, width, height)
         frames = latent_frames_for(length, length_unit, config.chunk_frames, fps)
         if config.sink_policy == "global" and frames > config.max_frames:
             raise ValueError(

@@ -23,15 +23,17 @@ from .common import (
     CATEGORY,
     WAN_FPS,
     check_size,
-    latent_hw,
+    model_input,
+    recache_widget,
     seed_widget,
     size_widget,
     steps_widget,
+    stream_settings_input,
     stream_state_bytes,
 )
 from .conditioning import prompt_embeds
 from .decoders import decoder_stream
-from .generate import check_model, stream_config
+from .generate import stream_inputs
 from .live_loop import LiveLoop, LiveResult
 from .live_routes import MAX_PROMPT_CHARS, register_routes
 from .live_sessions import LIVE_SESSIONS, new_session_id
@@ -63,7 +65,7 @@ class RewardForcingLive:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("RF_MODEL", {"tooltip": "Model from Reward Forcing: Load Model (or LoRA)."}),
+                "model": model_input(),
                 "clip": (
                     "CLIP",
                     {
@@ -93,14 +95,7 @@ class RewardForcingLive:
                         "tooltip": "Length cap: the run ends by itself after this much video (Stop ends it sooner).",
                     },
                 ),
-                "recache": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "On a prompt switch, re-encode the recent frames under the new prompt "
-                        "(LongLive-style, smoother switch); off: only new chunks see the new prompt.",
-                    },
-                ),
+                "recache": recache_widget("switch"),
                 "realtime": (
                     "BOOLEAN",
                     {
@@ -127,10 +122,7 @@ class RewardForcingLive:
                 ),
             },
             "optional": {
-                "settings": (
-                    "RF_STREAM_CONFIG",
-                    {"tooltip": "EMA-Sink settings (default: Reward Forcing's)."},
-                ),
+                "settings": stream_settings_input(),
                 "decoder": (
                     "RF_DECODER",
                     {"tooltip": "Decoder from Load Decoder: TAEHV (taew2_1) for speed, or the Wan 2.1 VAE."},
@@ -174,9 +166,7 @@ class RewardForcingLive:
         vae=None,
         unique_id: str | None = None,
     ):
-        model = check_model(model)
-        config = stream_config(settings, steps)
-        hw = latent_hw(width, height)
+        model, config, hw = stream_inputs(model, settings, steps, width, height)
         decode, _ = decoder_stream(vae, decoder)
         if decode is None:
             raise ValueError(

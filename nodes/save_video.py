@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import CATEGORY, WAN_FPS
+from .common import CATEGORY, WAN_FPS, fps_widget
 from .video_files import VideoFiles, video_ui
 
 CHUNK = 12  # frames converted and encoded at a time: one generated chunk, a bounded amount of memory
@@ -25,16 +25,7 @@ class RewardForcingSaveVideo:
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "Frames to save, in order."}),
-                "fps": (
-                    "FLOAT",
-                    {
-                        "default": WAN_FPS,
-                        "min": 1.0,
-                        "max": 120.0,
-                        "step": 1.0,
-                        "tooltip": "Frame rate (Wan: 16).",
-                    },
-                ),
+                "fps": fps_widget("Frame rate (Wan: 16)."),
                 "filename_prefix": (
                     "STRING",
                     {

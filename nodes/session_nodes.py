@@ -14,15 +14,17 @@ from . import comfy
 from .common import (
     CATEGORY,
     check_size,
-    latent_hw,
+    model_input,
+    recache_widget,
     seed_widget,
     size_widget,
     steps_widget,
+    stream_settings_input,
     stream_state_bytes,
 )
 from .conditioning import prompt_embeds
 from .decoders import decoder_stream
-from .generate import check_model, stream_config
+from .generate import stream_inputs
 from .sessions import REGISTRY, Session
 from .stream_record import StreamRecord
 
@@ -51,7 +53,7 @@ class RewardForcingStreamSession:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("RF_MODEL", {"tooltip": "Model from Reward Forcing: Load Model (or LoRA)."}),
+                "model": model_input(),
                 "positive": (
                     "CONDITIONING",
                     {
@@ -78,14 +80,7 @@ class RewardForcingStreamSession:
                 "height": size_widget(480, "height"),
                 "seed": seed_widget("Noise seed, used when the session starts or is reset."),
                 "steps": steps_widget(),
-                "recache": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "On a prompt change, re-encode the recent frames under the new prompt "
-                        "(LongLive-style, smoother switch); off: only new chunks see the new prompt.",
-                    },
-                ),
+                "recache": recache_widget("change"),
                 "reset": (
                     "BOOLEAN",
                     {
@@ -102,10 +97,7 @@ class RewardForcingStreamSession:
                 ),
             },
             "optional": {
-                "settings": (
-                    "RF_STREAM_CONFIG",
-                    {"tooltip": "EMA-Sink settings (default: Reward Forcing's)."},
-                ),
+                "settings": stream_settings_input(),
                 "vae": (
                     "VAE",
                     {"tooltip": "ComfyUI Wan 2.1 VAE: frames decoded exactly and seamlessly across runs."},
@@ -146,9 +138,7 @@ class RewardForcingStreamSession:
         decoder=None,
         unique_id: str | None = None,
     ):
-        model = check_model(model)
-        config = stream_config(settings, steps)
-        hw = latent_hw(width, height)
+        model, config, hw = stream_inputs(model, settings, steps, width, height)
         if chunks < 1:
             raise ValueError(f"chunks must be at least 1, got {chunks}")
         if output not in OUTPUT_CHOICES:

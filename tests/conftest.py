@@ -79,3 +79,22 @@ def rf_model_dir(tmp_path_factory, rf_pack):
     for name, path in folders.items():
         rf_pack.nodes.comfy.set_fallback_folders(name, [path])
     return root
+
+
+# ----------------------------------------------------------------------------- shared test setup
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: with tiny models thread start-up costs more than it saves,
+    and CI has two cores. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def rf_output_dir(tmp_path, monkeypatch):
+    """The pack's output folder (RF_OUTPUT_DIR), moved to tmp_path/output for the test."""
+    out = tmp_path / "output"
+    monkeypatch.setenv("RF_OUTPUT_DIR", str(out))
+    return out

@@ -34,18 +34,12 @@ NATIVE_TYPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def nodes(rf_pack, rf_model_dir, tmp_path, monkeypatch):
+def nodes(rf_pack, rf_model_dir, rf_output_dir):
     """The pack's node modules, with outputs going to tmp_path and no session left over."""
-    monkeypatch.setenv("RF_OUTPUT_DIR", str(tmp_path / "output"))
     rf_pack.nodes.sessions.REGISTRY.free_all()
     yield rf_pack.nodes
     rf_pack.nodes.sessions.REGISTRY.free_all()

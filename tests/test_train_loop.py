@@ -14,13 +14,7 @@ from rf_core.train.rewards import MotionReward
 from rf_core.train.rollout import sample, training_stream_config
 from rf_core.train.trainer import ReDMDTrainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

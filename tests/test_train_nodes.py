@@ -25,17 +25,11 @@ class Cancelled(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def nodes(rf_pack, rf_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("RF_OUTPUT_DIR", str(tmp_path / "output"))
+def nodes(rf_pack, rf_model_dir, rf_output_dir):
     return rf_pack.nodes
 
 

@@ -8,13 +8,7 @@ from rf_core.config import StreamConfig
 from rf_core.tiny import random_model, random_prompt
 from rf_core.train.rollout import make_session, rollout, sample, training_stream_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_training_cache_is_the_reference_training_window():

@@ -39,18 +39,11 @@ def wan21_process_out(z: torch.Tensor) -> torch.Tensor:
     return z.permute(0, 2, 1, 3, 4) * std + mean
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: thread start-up costs more than it saves, and CI has two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def executor(rf_pack, rf_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("RF_OUTPUT_DIR", str(tmp_path / "output"))
+def executor(rf_pack, rf_model_dir, rf_output_dir):
     VAELoader.folder["value"] = rf_model_dir / "vae"
     rf_pack.nodes.sessions.REGISTRY.free_all()
     yield GraphExecutor({**NATIVE, **rf_pack.NODE_CLASS_MAPPINGS})
