@@ -10,10 +10,7 @@ from collections import deque
 
 import torch
 
-
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> uint8 with round-half-up (the reference truncates; we round)."""
-    return (frames.float() * 255 + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
+from rf_core.io.video import round_to_uint8
 
 
 class AsyncDecoder:
@@ -36,13 +33,15 @@ class AsyncDecoder:
 
     def submit(self, z: torch.Tensor) -> None:
         if not self.cuda:
-            self.pending.append(to_uint8(self.decoder.decode_chunk(z)).permute(0, 1, 3, 4, 2).contiguous())
+            self.pending.append(
+                round_to_uint8(self.decoder.decode_chunk(z)).permute(0, 1, 3, 4, 2).contiguous()
+            )
             return
         main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)  # z is complete before the side stream reads it
         z.record_stream(self.side)
         with torch.cuda.stream(self.side):
-            frames = to_uint8(self.decoder.decode_chunk(z)).permute(0, 1, 3, 4, 2)
+            frames = round_to_uint8(self.decoder.decode_chunk(z)).permute(0, 1, 3, 4, 2)
             host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(frames, non_blocking=True)
             done = torch.cuda.Event()

@@ -60,9 +60,14 @@ def frames_to_uint8(frames: torch.Tensor | np.ndarray, layout: str = "auto") -> 
         if not frames.is_floating_point():
             raise ValueError(f"frames must be floating point in [0, 1] or uint8, got {frames.dtype}")
         # Round on the frames' own device: a quarter of the bytes then cross to the host.
-        x = torch.nan_to_num(frames.float(), nan=0.0).clamp(0.0, 1.0)
-        frames = torch.floor(x * 255.0 + 0.5).to(torch.uint8)
+        frames = round_to_uint8(frames)
     return np.ascontiguousarray(frames.cpu().numpy())
+
+
+def round_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 on their own device: clamped, NaN -> 0, floor(255 x + 0.5)."""
+    x = torch.nan_to_num(frames.float(), nan=0.0).clamp(0.0, 1.0)
+    return torch.floor(x * 255.0 + 0.5).to(torch.uint8)
 
 
 def _pad_to_even(frames: np.ndarray) -> np.ndarray:

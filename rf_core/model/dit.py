@@ -168,11 +168,9 @@ class AttentionPlan:
     ``rf_core.model.kv_cache.CachePlan`` adds the streaming cache.
     """
 
-    def __init__(
-        self, backend: str, rope_q, mask: torch.Tensor | None = None, cross_backend: str | None = None
-    ) -> None:
+    def __init__(self, backend: str, rope_q, mask: torch.Tensor | None = None) -> None:
         self.backend = backend
-        self.cross_backend = cross_backend or backend
+        self.cross_backend = backend  # run_blocks switches it to plain SDPA inside compiled graphs
         self.eager = False  # run compiled models eagerly for this pass (a shape seen once)
         self.rope_q = rope_q
         self.mask = mask

@@ -21,6 +21,8 @@ frames (Self-Forcing/LongLive); ``none`` = plain sliding window; ``global`` = no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rf_core.config import StreamConfig
@@ -202,11 +204,7 @@ def _rope_concat(
     return torch.cat([apply_rope(prefix, cos, sin).type_as(prefix), k_roped], 1)
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _rope_concat_compiled():
     """One fused kernel instead of eager RoPE + cat (used when the model is compiled)."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_rope_concat, dynamic=False))
-    return _COMPILED[0]
+    return torch.compile(_rope_concat, dynamic=False)
