@@ -16,12 +16,13 @@ Checks, with the same weights (the reference loads our state dict, strict):
    The reference draws its re-noise with ``torch.randn_like``; that call is replaced during its run by
    draws from a seeded generator, which are recorded and replayed to our session (§4.3 RNG order:
    three re-noise draws per chunk). Then the two final caches (EMA sink included) are compared. Our
-   rollout runs twice: with the roped-key cache (default for uncompiled models) and re-roping every
-   key on every pass like the reference (``rope_cache=False``, the compiled path's choice).
+   rollout runs twice: with un-roped keys re-roped on every pass like the reference (key storage
+   ``raw``, the default) and with keys stored roped (``roped``, the fast path's choice).
    As a sensitivity check it is repeated with a static sink: its difference from the reference shows
    how much the EMA changes the output, i.e. what the parity numbers resolve.
 
-What to expect (dim 24, 2 heads, 2 layers, seed 0): the rollouts and caches are bit-identical. The
+What to expect (dim 24, 2 heads, 2 layers, seed 0): with ``raw`` keys the rollouts and caches are
+bit-identical (``roped``: float32 rounding of the extra rotations, ~1e-6). The
 single forwards differ by a few float32 ulps (~2e-6 on outputs of ~7), from summation order only:
 our bidirectional forward embeds the timestep once per frame ([B*f] rows) where ``WanModel`` embeds it
 once per sample ([B] rows), and BLAS rounds a 1-row and a 3-row GEMM differently; and the reference
@@ -57,6 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from rf_core.config import DiTConfig, StreamConfig  # noqa: E402
 from rf_core.model.dit import WanDiT  # noqa: E402
+from rf_core.model.rope import apply_rope  # noqa: E402
 from rf_core.stream import StreamSession  # noqa: E402
 from rf_core.tiny import random_model, random_prompt  # noqa: E402
 
@@ -256,12 +258,15 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cache_diffs(session: StreamSession, kv: list[dict]) -> dict:
-    """Max difference of the valid part of both caches (all layers; keys un-roped on both sides)."""
+    """Max difference of the valid part of both caches (all layers; keys un-roped on both sides, or
+    the reference's roped at their slot positions when our cache stores roped keys)."""
     c = session.cache
     n = c.frames * c.frame_tokens
     if n != int(kv[0]["local_end_index"]):
         raise AssertionError(f"our cache holds {n} tokens, the reference's {int(kv[0]['local_end_index'])}")
     ref_k = torch.stack([layer["k"][:, :n] for layer in kv])
+    if c.roped:
+        ref_k = apply_rope(ref_k, *session.model.rope.get(0, c.frames, *session.grid_hw, ref_k.device))
     ref_v = torch.stack([layer["v"][:, :n] for layer in kv])
     return {
         "cache_k_max_abs_diff": max_diff(c.k[:, :, :n], ref_k),
@@ -386,23 +391,24 @@ def run_our_rollout(
     noise: torch.Tensor,
     draws: list[torch.Tensor],
     config: StreamConfig,
-    rope_cache: bool,
+    key_storage: str,
 ) -> tuple[list[torch.Tensor], StreamSession]:
     """Our session over the same noise: chunk c takes noise frames [3c, 3c+3) and draws 3c..3c+2."""
     n = config.chunk_frames
     steps = len(config.denoise_steps) - 1
     b = noise.shape[0]
-    session = StreamSession(model, prompt, LATENT_HW, config=config, rope_cache=rope_cache)
+    session = StreamSession(model, prompt, LATENT_HW, config=config, key_storage=key_storage)
     chunks = []
     for c in range(noise.shape[1] // n):
         renoise = [d.unflatten(0, (b, n)) for d in draws[c * steps : (c + 1) * steps]]
         chunks.append(session.next_chunk(noise=noise[:, c * n : (c + 1) * n], renoise=renoise))
+    session.flush()  # the last chunk's deferred context pass, so the caches compare
     return chunks, session
 
 
-# Our two ways of roping the window: keep roped keys (default for uncompiled models), or re-rope every
-# key on every pass as the reference does (the compiled fast path).
-ROPE_VARIANTS = {"rope_cache": True, "rope_recompute": False}
+# Our two key storages: un-roped keys re-roped on every pass as the reference does ("raw"), or keys
+# kept roped at their slot positions and rotated when they move (the fast path, "roped").
+KEY_STORAGES = ("raw", "roped")
 
 
 def rollout_parity(
@@ -425,9 +431,9 @@ def rollout_parity(
     ref_chunks = [ref_latents[:, c * n : (c + 1) * n] for c in range(frames // n)]
     out["chunks"] = len(ref_chunks)
     out["per_chunk_max_abs"] = [r.abs().max().item() for r in ref_chunks]
-    for name, rope_cache in ROPE_VARIANTS.items():
+    for name in KEY_STORAGES:
         t0 = time.perf_counter()
-        ours, session = run_our_rollout(model, prompt, noise, draws, config, rope_cache)
+        ours, session = run_our_rollout(model, prompt, noise, draws, config, name)
         per_chunk = [max_diff(a, b) for a, b in zip(ours, ref_chunks)]
         out[name] = {
             "per_chunk_max_abs_diff": per_chunk,
@@ -435,7 +441,7 @@ def rollout_parity(
             **cache_diffs(session, ref_kv),
             "seconds": time.perf_counter() - t0,
         }
-    static, _ = run_our_rollout(model, prompt, noise, draws, config.replace(sink_policy="static"), True)
+    static, _ = run_our_rollout(model, prompt, noise, draws, config.replace(sink_policy="static"), "raw")
     out["static_sink_per_chunk_max_abs_diff"] = [max_diff(a, b) for a, b in zip(static, ref_chunks)]
     return out
 
@@ -443,7 +449,7 @@ def rollout_parity(
 def parity_diffs(forward: dict, rollout: dict) -> list[float]:
     """Every difference that must stay within tolerance."""
     diffs = [v for k, v in forward.items() if k.endswith("_diff")]
-    for name in ROPE_VARIANTS:
+    for name in KEY_STORAGES:
         r = rollout[name]
         diffs += r["per_chunk_max_abs_diff"] + [r["cache_k_max_abs_diff"], r["cache_v_max_abs_diff"]]
     return diffs

@@ -59,7 +59,8 @@ class StreamRecord:
         return len(self.latents)
 
     def passes_per_chunk(self) -> int:
-        return len(self.stream.timesteps) + 1
+        """Progress steps per chunk: the denoising passes (``StreamSession.on_pass``)."""
+        return len(self.stream.timesteps)
 
     def advance(self, n_chunks: int, progress: Progress | None = None, sink: FrameSink | None = None) -> None:
         """Generate ``n_chunks`` more chunks, decode each as it arrives and hand its frames to ``sink``.

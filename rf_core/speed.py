@@ -16,6 +16,8 @@ def make_fast(
     attn_backend: str | None = None,
     compile_mode: str | None = None,
     fp8: bool = False,
+    roped_keys: bool = True,
+    cuda_graphs: bool = False,
 ) -> WanDiT:
     """Switch a model (in place) to the fast inference path.
 
@@ -23,6 +25,9 @@ def make_fast(
         model dtype either way). compile: torch.compile the pure-tensor halves of each block.
         fp8: opt-in fp8 GEMMs for the block linears; changes the output (rf_core/model/fp8.py).
         Apply LoRAs before it.
+        roped_keys: streams keep their cached keys roped (``SinkKVCache`` key storage "roped"):
+            a pass ropes only its own keys and writes them into the cache from the compiled kernel.
+        cuda_graphs: streams on CUDA replay each repeating pass as a CUDA graph (rf_core/graphs.py).
     """
     if fp8:
         from rf_core.model.fp8 import use_fp8_linears
@@ -32,6 +37,8 @@ def make_fast(
         use_fp8_linears(model)
     if rope_fp32:
         model.set_rope_precision(torch.float32)
+    model.key_storage = "roped" if roped_keys else "raw"
+    model.cuda_graphs = cuda_graphs
     if attn_backend is not None:
         model.attn_backend = attn_backend
     if compile and not model.compiled:

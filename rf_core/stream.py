@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rf_core.config import StreamConfig
+from rf_core.graphs import PassGraphs
 from rf_core.model.dit import WanDiT
 from rf_core.model.kv_cache import SinkKVCache
 from rf_core.schedule import FlowSchedule
@@ -34,11 +35,19 @@ class StreamSession:
         interrupt: called before every model pass; raise from it to cancel (e.g. ComfyUI's
             ``throw_exception_if_processing_interrupted``). A cancelled chunk leaves the session as
             it was before that chunk: calling ``next_chunk`` again produces the same chunk.
-        on_pass: called after every model pass with (pass index, passes per chunk), for progress bars.
-        rope_cache: keep a copy of the window's keys roped at their positions (exact; +50% cache
-            memory) instead of re-roping every key on every pass as the reference does. Default: on
-            for uncompiled models; compiled models re-rope in one fused kernel, which is nearly as
-            fast and keeps the memory.
+        on_pass: called after every denoising pass with (pass index, denoising passes per chunk), for
+            progress bars.
+        key_storage: "raw" (the reference: un-roped keys, the window re-roped on every pass) or
+            "roped" (keys kept roped, see ``SinkKVCache``); default: the model's ``key_storage``
+            (``make_fast`` switches it to "roped").
+        cuda_graphs: replay repeating passes as CUDA graphs (CUDA only; default: the model's
+            ``cuda_graphs``, see ``make_fast``).
+        cache_dtype: dtype of the KV cache and the noise (default: the model's), e.g. bf16 for
+            training under autocast with float32 master weights.
+
+    ``next_chunk`` returns a chunk before its cache-refresh pass, which runs at the start of the next
+    chunk (or on ``flush``): the latents reach the decoder one pass sooner and a stream's last refresh,
+    which nothing would read, is never run.
     """
 
     def __init__(
@@ -51,7 +60,9 @@ class StreamSession:
         batch: int | None = None,
         interrupt: Callable[[], None] | None = None,
         on_pass: Callable[[int, int], None] | None = None,
-        rope_cache: bool | None = None,
+        key_storage: str | None = None,
+        cuda_graphs: bool | None = None,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.config = config or StreamConfig()
@@ -71,7 +82,7 @@ class StreamSession:
         self.grid_hw = (h // ph, w // pw)
         self.batch = batch or prompt_embeds.shape[0]
         self.device = model.device
-        self.dtype = model.dtype
+        self.dtype = cache_dtype or model.dtype
         self.schedule = FlowSchedule(self.config.shift)
         steps = self.config.denoise_steps
         self.timesteps = self.schedule.warp(steps) if self.config.warp_steps else [float(s) for s in steps]
@@ -84,11 +95,16 @@ class StreamSession:
             self.config,
             self.device,
             self.dtype,
-            rope_cache=(not model.compiled) if rope_cache is None else rope_cache,
+            key_storage=key_storage or model.key_storage,
+            rope_dtype=model.rope.dtype,
         )
+        use_graphs = model.cuda_graphs if cuda_graphs is None else cuda_graphs
+        self.graphs = PassGraphs() if use_graphs and self.device.type == "cuda" else None
         self.seed = seed
         self._prompt: torch.Tensor
         self._cross: list | None = None
+        self._cross_stale = True
+        self._deferred: tuple[torch.Tensor, tuple[int, int]] | None = None
         self.set_prompt(prompt_embeds)
         self.reset(seed)
 
@@ -98,6 +114,7 @@ class StreamSession:
         if seed is not None:
             self.seed = seed
         self.cache.reset()
+        self._deferred = None
         gen_device = self.device if self.device.type != "meta" else "cpu"
         self.generators = [torch.Generator(gen_device).manual_seed(self.seed + i) for i in range(self.batch)]
         self._chunk_rng: list[torch.Tensor] | None = None
@@ -107,7 +124,13 @@ class StreamSession:
     @property
     def frames_done(self) -> int:
         """Latent frames generated so far."""
-        return self.cache.next_frame
+        return self.cache.next_frame + (0 if self._deferred is None else self._deferred[0].shape[1])
+
+    def flush(self) -> None:
+        """Run the deferred cache refresh of the last chunk now (``next_chunk`` does it when needed)."""
+        if self._deferred is not None:
+            self.finish_chunk(*self._deferred)
+            self._deferred = None
 
     def state_nbytes(self) -> int:
         n = self.cache.nbytes + sum(x.numel() * x.element_size() for _, x in self.recent)
@@ -132,17 +155,24 @@ class StreamSession:
             raise ValueError(
                 f"prompt batch {prompt_embeds.shape[0]} does not match the session batch {self.batch}"
             )
+        self.flush()  # the pending refresh belongs to the old prompt
         self._prompt = prompt_embeds.to(self.device, self.dtype).expand(self.batch, -1, -1)
-        self._cross = None
+        self._cross_stale = True
         if recache:
             self._recache()
 
     def _cross_kv(self) -> list:
-        if self._cross is None or torch.is_grad_enabled():
-            cross = self.model.cross_kv(self._prompt)
-            if torch.is_grad_enabled():
-                return cross
-            self._cross = cross
+        if torch.is_grad_enabled():
+            return self.model.cross_kv(self._prompt)
+        if self._cross_stale:
+            fresh = self.model.cross_kv(self._prompt)
+            if self.graphs is not None and self._cross is not None:
+                for (k, v), (nk, nv) in zip(self._cross, fresh):  # captured graphs read these buffers
+                    k.copy_(nk)
+                    v.copy_(nv)
+            else:
+                self._cross = fresh
+            self._cross_stale = False
         return self._cross
 
     # ------------------------------------------------------------------ passes
@@ -154,15 +184,21 @@ class StreamSession:
         if self.interrupt is not None:
             self.interrupt()
         m = self.model
-        xc = x.permute(0, 2, 1, 3, 4)
-        grid = m.grid(xc)
-        tt = torch.full((x.shape[0], grid[0]), t, device=self.device, dtype=torch.float32)
-        e, e0 = m.time_embed(tt, x.shape[0], grid[0])
+        grid = m.grid(x.permute(0, 2, 1, 3, 4))
         plan = self.cache.plan(slot, m.rope, grid[1], grid[2], m.attn_backend, self.device)
-        plan.fused = m.compiled and not eager
         plan.eager = eager
-        out = m.run_blocks(m.patchify(xc), e, e0, self._cross_kv(), plan, grid, need_output)
-        return None if out is None else out.permute(0, 2, 1, 3, 4)
+        cross = self._cross_kv()
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            xc = x.permute(0, 2, 1, 3, 4)
+            tt = torch.full((x.shape[0], grid[0]), t, device=self.device, dtype=torch.float32)
+            e, e0 = m.time_embed(tt, x.shape[0], grid[0])
+            out = m.run_blocks(m.patchify(xc), e, e0, cross, plan, grid, need_output)
+            return None if out is None else out.permute(0, 2, 1, 3, 4)
+
+        if self.graphs is None or eager or torch.is_grad_enabled():
+            return run(x)
+        return self.graphs.run((t, slot, need_output, tuple(x.shape)), run, x, keep=plan)
 
     def _noise(self, n: int) -> torch.Tensor:
         h, w = self.latent_hw
@@ -197,6 +233,7 @@ class StreamSession:
         ``exit_step`` stops after that step (self-forcing training rollouts). With ``grad`` the last
         executed step runs with gradients enabled and all earlier steps without; its cache reads use a
         snapshot and it writes nothing, so no gradient reaches other chunks through the cache."""
+        self.flush()
         n = self.config.chunk_frames
         if self._chunk_rng is None:
             self._chunk_rng = [g.get_state() for g in self.generators]
@@ -216,7 +253,7 @@ class StreamSession:
                 v = self._pass(x, t, slot)
                 x0 = self.schedule.x0_from_flow(v, x, t)
             if self.on_pass is not None:
-                self.on_pass(i, len(self.timesteps) + 1)
+                self.on_pass(i, len(self.timesteps))
             if i + 1 < len(steps):
                 eps = self._noise(n) if renoise is None else renoise[i].to(self.device, self.dtype)
                 x = self.schedule.add_noise(x0, eps, steps[i + 1])
@@ -226,8 +263,6 @@ class StreamSession:
     def finish_chunk(self, x0: torch.Tensor, slot: tuple[int, int]) -> None:
         """Context pass on the clean chunk (writes its clean keys/values), then commit it."""
         self._pass(x0.detach(), self.config.context_timestep, slot, need_output=False)
-        if self.on_pass is not None:
-            self.on_pass(len(self.timesteps), len(self.timesteps) + 1)
         first = self.cache.next_frame
         self.cache.commit()
         self._chunk_rng = None
@@ -238,8 +273,9 @@ class StreamSession:
         self, noise: torch.Tensor | None = None, renoise: Sequence[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Generate the next chunk: clean latents [B, chunk_frames, 16, h, w] in model space.
-        ``noise`` / ``renoise`` (one tensor per step after the first) replace the generated noise."""
+        ``noise`` / ``renoise`` (one tensor per step after the first) replace the generated noise.
+        The chunk's cache refresh is deferred (see the class notes); do not modify the result in place."""
         with torch.no_grad():
             x0, slot = self.denoise_chunk(noise, renoise)
-        self.finish_chunk(x0, slot)
+        self._deferred = (x0, slot)
         return x0

@@ -38,6 +38,7 @@ def test_ema_sink_trace_21_frames(alpha):
     sink_k = sink_v = None
     for c in range(7):
         x0 = s.next_chunk()
+        s.flush()  # run the chunk's (deferred) context pass
         start = min(c, 2) * 3 * T  # the chunk sits in slot A, B, then always C
         clean_k.append(s.cache.k[:, :, start : start + 3 * T].clone())
         clean_v.append(s.cache.v[:, :, start : start + 3 * T].clone())
@@ -70,15 +71,18 @@ def test_static_sink_keeps_first_chunk_and_none_has_no_sink():
     model = random_model(seed=2)
     st = StreamSession(model, random_prompt(), (H, W), StreamConfig(sink_policy="static"), seed=1)
     st.next_chunk()
+    st.flush()
     first = st.cache.k[:, :, : 3 * T].clone()
     for _ in range(5):
         st.next_chunk()
+    st.flush()
     assert torch.equal(st.cache.k[:, :, : 3 * T], first)
 
     nn_ = StreamSession(
         model, random_prompt(), (H, W), StreamConfig(sink_policy="none", window_frames=6), seed=1
     )
     chunks = [nn_.next_chunk() for _ in range(4)]
+    nn_.flush()
     assert nn_.cache.frame_ids == [6, 7, 8, 9, 10, 11]  # only the two most recent chunks
     # same first chunk as the static stream (nothing evicted yet), later ones differ
     assert torch.allclose(chunks[0], StreamSession(model, random_prompt(), (H, W), seed=1).next_chunk())
@@ -104,6 +108,7 @@ def test_chunk_smaller_than_sink_fills_sink_then_blends_by_phase():
     keys = {}
     for f in range(9):
         s.next_chunk()
+        s.flush()
         pos = min(f, 4)
         keys[f] = s.cache.k[:, :, pos * T : (pos + 1) * T].double().clone()
     slot = [keys[0], keys[1], keys[2]]

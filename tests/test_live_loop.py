@@ -159,7 +159,7 @@ def test_stop_during_a_chunk_drops_that_chunk_within_one_pass(tmp_path):
     loop.session.on_pass = on_pass
     result = loop.run()
     assert result.chunks == 1 and result.stopped_by == "stop"
-    assert len(passes) == 4  # 3 passes of chunk 0, 1 of chunk 1: no further pass ran
+    assert len(passes) == 3  # 2 denoising passes of chunk 0, 1 of chunk 1: no further pass ran
     assert read_video_frames(tmp_path / "a.mp4").shape[0] == 9
 
 

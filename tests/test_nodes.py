@@ -279,9 +279,9 @@ def test_progress_counts_passes_and_previews_each_chunk(nodes, rf_model_dir, mon
         load_model(nodes), cond(), **{**GEN, "length": 33}, vae=vae, unique_id="17"
     )
     log = RecordingProgress.log
-    assert log[0] == ("new", 15, "17")  # 3 chunks x (4 denoising passes + 1 cache pass)
+    assert log[0] == ("new", 12, "17")  # 3 chunks x 4 denoising passes
     values = [v for kind, v, _ in log[1:]]
-    assert values == sorted(values) and values[-1] == 15
+    assert values == sorted(values) and values[-1] == 12
     previews = [p for _, _, p in log[1:] if p is not None]
     assert previews == [(32, 32, 3)] * 3
 

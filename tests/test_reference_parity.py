@@ -49,7 +49,7 @@ def test_single_forwards_match_the_reference(parity):
     assert fwd["cached_first_chunk_cache_v_max_abs_diff"] <= TOL
 
 
-@pytest.mark.parametrize("variant", ["rope_cache", "rope_recompute"])
+@pytest.mark.parametrize("variant", ["raw", "roped"])
 def test_rollout_matches_the_reference_chunk_by_chunk(parity, variant):
     _, roll = parity
     r = roll[variant]

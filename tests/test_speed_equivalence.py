@@ -1,7 +1,10 @@
 """The fast path (every speed switch that runs on CPU) equals the plain path on the tiny model."""
 
+import pytest
 import torch
 
+from rf_core.config import StreamConfig
+from rf_core.model.rope import apply_rope
 from rf_core.speed import make_fast
 from rf_core.stream import StreamSession
 from rf_core.tiny import random_model, random_prompt
@@ -14,16 +17,51 @@ def stream(model, chunks=5, **kw):
     return torch.cat([s.next_chunk() for _ in range(chunks)], 1)
 
 
-def test_roped_key_cache_is_exact():
+def roped_at_slots(session):
+    """The raw-storage cache's keys roped at their slot positions (what roped storage holds)."""
+    c = session.cache
+    rows, cols = session.grid_hw
+    cos, sin = session.model.rope.get(0, c.frames, rows, cols, "cpu")
+    return torch.stack(
+        [apply_rope(c.k[i, :, : c.frames * c.frame_tokens], cos, sin) for i in range(len(c.k))]
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(ema_alpha=0.8),  # EMA sink: evicted keys rotated to the sink's positions
+        StreamConfig(chunk_frames=1, sink_frames=3, window_frames=5, ema_alpha=0.5),  # per-frame phases
+        StreamConfig(sink_policy="none", window_frames=6),  # the whole window moves
+    ],
+)
+def test_roped_key_storage_equals_raw_storage(config):
     m = random_model(seed=5)
-    assert torch.equal(stream(m, rope_cache=True), stream(m, rope_cache=False))
+    sessions = {
+        ks: StreamSession(m, random_prompt(seed=3), HW, config, seed=9, key_storage=ks)
+        for ks in ("raw", "roped")
+    }
+    outs = {
+        ks: torch.cat([s.next_chunk() for _ in range(24 // config.chunk_frames)], 1)
+        for ks, s in sessions.items()
+    }
+    for s in sessions.values():
+        s.flush()
+    assert torch.allclose(outs["roped"], outs["raw"], atol=1e-5)
+    raw, roped = sessions["raw"].cache, sessions["roped"].cache
+    n = raw.frames * raw.frame_tokens
+    assert roped.frames == raw.frames and raw.evicted_total > 0
+    assert torch.allclose(roped.k[:, :, :n], roped_at_slots(sessions["raw"]), atol=1e-5)
+    assert not torch.allclose(roped.k[:, :, :n], raw.k[:, :, :n], atol=1e-2)  # really stored roped
+    assert torch.allclose(roped.v, raw.v, atol=1e-5)
 
 
 def test_fast_path_equals_plain_path():
-    plain = stream(random_model(seed=5), rope_cache=False)
+    plain = stream(random_model(seed=5), key_storage="raw")
     fast_model = make_fast(random_model(seed=5), compile=True, rope_fp32=True)
     fast = stream(fast_model)
     assert fast_model.compiled and fast_model.rope.dtype == torch.float32
+    assert fast_model.key_storage == "roped"
     rel = ((fast - plain).norm() / plain.norm()).item()
     assert rel < 1e-5, rel
 
@@ -66,5 +104,6 @@ def test_recache_on_a_compiled_model_runs_eagerly_and_matches():
     for s in (plain, fast):
         s.set_prompt(random_prompt(seed=4), recache=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames_before
-    assert torch.allclose(fast.cache.k, plain.cache.k, atol=1e-4)
+    n = plain.cache.frames * plain.cache.frame_tokens
+    assert torch.allclose(fast.cache.k[:, :, :n], roped_at_slots(plain), atol=1e-4)
     assert torch.allclose(fast.next_chunk(), plain.next_chunk(), atol=1e-4)

@@ -63,6 +63,7 @@ def test_context_pass_keys_equal_full_sequence_keys():
     cfg = StreamConfig(sink_policy="global", max_frames=9)
     session = StreamSession(model, prompt, (H, W), cfg, seed=5)
     video = torch.cat([session.next_chunk() for _ in range(3)], dim=1)
+    session.flush()  # the last chunk's (deferred) context pass
 
     captured = {}
 

@@ -103,6 +103,7 @@ def test_recache_rewrites_window_not_sink(model):
     s = StreamSession(model, p1, HW, seed=4)
     for _ in range(4):
         s.next_chunk()
+    s.flush()
     t = s.cache.frame_tokens
     before = s.cache.k.clone()
     s.set_prompt(p2, recache=True)

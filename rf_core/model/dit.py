@@ -101,11 +101,32 @@ class WanBlock(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """Modulation, norm and q/k/v of the self-attention. Returns (q roped, k raw, k roped with
         the query positions, v). Pure tensor code: this is what ``compile_blocks`` compiles."""
+        return self._qkv(x, e0, cos, sin)
+
+    def _qkv(
+        self, x: torch.Tensor, e0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         frames = e0.shape[1]
         m = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         h = (self.norm1(x).unflatten(1, (frames, -1)) * (1 + m[1]) + m[0]).flatten(1, 2)
         q, k, v = self.self_attn.qkv(h)
         return apply_rope(q, cos, sin).type_as(v), k, apply_rope(k, cos, sin).type_as(v), v
+
+    def pre_attention_into(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_out: torch.Tensor,
+        v_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``pre_attention`` writing the roped keys and the values into the cache slot views; returns
+        the roped queries. Compiled, the writes are stores of the kernels that compute k and v."""
+        q, _, k, v = self._qkv(x, e0, cos, sin)
+        k_out.copy_(k)
+        v_out.copy_(v)
+        return q
 
     def post_attention(
         self,
@@ -137,9 +158,16 @@ class WanBlock(nn.Module):
         """x [B, f*F, dim]; e0 [B, f, 6, dim] per-frame modulation. ``kv_only``: this pass only
         refreshes the cache, so stop after the self-attention keys/values are written."""
         eager = plan.eager and hasattr(self, "eager_parts")
-        pre, post = self.eager_parts if eager else (self.pre_attention, self.post_attention)
-        q, k, k_roped, v = pre(x, e0, *plan.rope_q)
-        keys, values = plan.keys_values(layer, k, k_roped, v)
+        pre, pre_into, post = (
+            self.eager_parts if eager else (self.pre_attention, self.pre_attention_into, self.post_attention)
+        )
+        slot = plan.slot_views(layer)
+        if slot is None:
+            q, k, k_roped, v = pre(x, e0, *plan.rope_q)
+            keys, values = plan.keys_values(layer, k, k_roped, v)
+        else:
+            q = pre_into(x, e0, *plan.rope_q, *slot)
+            keys, values = plan.window(layer)
         if kv_only:
             return x
         y = attention(q, keys, values, plan.backend, plan.mask)
@@ -181,6 +209,14 @@ class AttentionPlan:
         """Roped keys and values to attend over, given the call's raw and roped keys."""
         return k_roped, v
 
+    def slot_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers the block writes its roped keys and values into (then ``window`` gives the keys
+        and values to attend over); None: the block hands them to ``keys_values`` instead."""
+        return None
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
 
 class WanDiT(nn.Module):
     """Wan2.1 text-to-video DiT. Outputs a flow (velocity) prediction v = noise - x0."""
@@ -191,6 +227,9 @@ class WanDiT(nn.Module):
         self.attn_backend = check_backend(attn_backend)
         self.gradient_checkpointing = False
         self.compiled = False
+        # stream defaults, switched by rf_core.speed.make_fast (see SinkKVCache / StreamSession)
+        self.key_storage = "raw"
+        self.cuda_graphs = False
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
@@ -217,8 +256,10 @@ class WanDiT(nn.Module):
         kwargs.setdefault("dynamic", False)
         self.compiled = True
         for blk in self.blocks:
-            blk.eager_parts = (blk.pre_attention, blk.post_attention)  # for one-off shapes (re-cache)
+            # the uncompiled parts, for one-off shapes (re-cache)
+            blk.eager_parts = (blk.pre_attention, blk.pre_attention_into, blk.post_attention)
             blk.pre_attention = torch.compile(blk.pre_attention, **kwargs)
+            blk.pre_attention_into = torch.compile(blk.pre_attention_into, **kwargs)
             blk.post_attention = torch.compile(blk.post_attention, **kwargs)
 
     def set_rope_precision(self, dtype: torch.dtype) -> None:

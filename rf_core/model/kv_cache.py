@@ -1,8 +1,14 @@
 """Self-attention KV cache with sink policies, shared by all blocks of one stream.
 
-Layout: one buffer per k and v, [layers, B, capacity_frames * F, H, D], holding un-roped keys (after
-RMSNorm) and values in frame order: [sink frames | older frames ... | current chunk]. Keys are roped on
-every call with window-relative frame positions 0..K-1 (queries at the end), so streams are unlimited.
+Layout: one buffer per k and v, [layers, B, capacity_frames * F, H, D], holding keys (after RMSNorm)
+and values in frame order: [sink frames | older frames ... | current chunk]. RoPE frame positions are
+window-relative (slot index 0..K-1, queries at the end), so streams are unlimited. Two key storages:
+- ``raw`` (the reference): keys are stored un-roped and the whole window is roped on every pass;
+- ``roped`` (the fast path): keys are stored roped at their slot's position, so a pass ropes only its
+  own keys and attends straight over the buffer. When eviction moves frames to other slots, their keys
+  are rotated by the frame offset (RoPE rotations compose), and evicted keys are rotated to the sink
+  slot's position before the EMA blend (rotations are linear, so blending roped keys = roping the
+  blend). Same maths; the extra rotations cost one bf16 rounding each.
 
 A chunk's life: ``begin_chunk`` makes room (evicting the oldest non-sink frames and, for the ``ema``
 policy, blending them into the sink), every pass of the chunk writes its keys into the reserved slot
@@ -21,13 +27,13 @@ frames (Self-Forcing/LongLive); ``none`` = plain sliding window; ``global`` = no
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from rf_core.config import StreamConfig
 from rf_core.model.dit import AttentionPlan
-from rf_core.model.rope import apply_rope
+from rf_core.model.rope import apply_rope, frame_shift
+
+KEY_STORAGES = ("raw", "roped")
 
 
 class CacheFullError(RuntimeError):
@@ -45,9 +51,15 @@ class SinkKVCache:
         config: StreamConfig,
         device: torch.device | str,
         dtype: torch.dtype,
-        rope_cache: bool = True,
+        key_storage: str = "raw",
+        rope_dtype: torch.dtype = torch.float64,
     ) -> None:
+        if key_storage not in KEY_STORAGES:
+            raise ValueError(f"key_storage must be one of {KEY_STORAGES}, got {key_storage!r}")
         self.config = config
+        self.roped = key_storage == "roped"
+        self.head_dim = head_dim
+        self.rope_dtype = rope_dtype
         self.frame_tokens = frame_tokens
         self.capacity = config.cache_frames
         self.sink = config.effective_sink_frames
@@ -55,9 +67,6 @@ class SinkKVCache:
         shape = (num_layers, batch, self.capacity * frame_tokens, num_heads, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # Keys roped at their current window positions, so a pass ropes only its own keys. Exact:
-        # the same rotation of the same raw keys, redone only when eviction moves frames.
-        self.kr = torch.zeros(shape, device=device, dtype=dtype) if rope_cache else None
         self.reset()
 
     def reset(self) -> None:
@@ -67,12 +76,10 @@ class SinkKVCache:
         # absolute frame index held by each committed slot; None once a sink slot is a blend
         self.frame_ids: list[int | None] = []
         self.next_frame = 0
-        self.roped_frames = 0  # kr is valid for frames [0, roped_frames)
 
     @property
     def nbytes(self) -> int:
-        bufs = (self.k, self.v) if self.kr is None else (self.k, self.v, self.kr)
-        return sum(b.numel() * b.element_size() for b in bufs)
+        return sum(b.numel() * b.element_size() for b in (self.k, self.v))
 
     def _tok(self, frames: int) -> int:
         return frames * self.frame_tokens
@@ -108,7 +115,7 @@ class SinkKVCache:
         if keep > 0:
             src = slice((z + e) * t, (z + e + keep) * t)
             dst = slice(z * t, (z + keep) * t)
-            self.k[:, :, dst] = self.k[:, :, src].clone()
+            self.k[:, :, dst] = self._moved(self.k[:, :, src], -e)
             self.v[:, :, dst] = self.v[:, :, src].clone()
         if self.config.sink_policy == "ema" and z > 0:
             a = self.alpha
@@ -117,13 +124,21 @@ class SinkKVCache:
                 s = slice(slot * t, (slot + 1) * t)
                 src = slice(j * t, (j + 1) * t)
                 # same expression and rounding as the reference: a*sink + (1-a)*evicted
-                self.k[:, :, s] = a * self.k[:, :, s] + (1 - a) * ev_k[:, :, src]
+                evicted = self._moved(ev_k[:, :, src], slot - (z + j))
+                self.k[:, :, s] = a * self.k[:, :, s] + (1 - a) * evicted
                 self.v[:, :, s] = a * self.v[:, :, s] + (1 - a) * ev_v[:, :, src]
                 self.frame_ids[slot] = None
         self.evicted_total += e
         del self.frame_ids[z : z + e]
         self.frames -= e
-        self.roped_frames = 0
+
+    def _moved(self, k: torch.Tensor, frames: int) -> torch.Tensor:
+        """Keys [layers, B, tokens, H, D] moved by ``frames`` slots: roped keys follow their new
+        position (a copy in any case: source and destination may overlap)."""
+        if not self.roped or frames == 0:
+            return k.clone()
+        cos, sin = frame_shift(self.head_dim, frames, k.device, self.rope_dtype)
+        return apply_rope(k, cos, sin)
 
     def commit(self) -> None:
         if self.pending is None:
@@ -131,8 +146,6 @@ class SinkKVCache:
         n = self.pending
         self.frame_ids.extend(range(self.next_frame, self.next_frame + n))
         self.next_frame += n
-        if self.roped_frames == self.frames:  # the context pass wrote the slot's roped keys
-            self.roped_frames += n
         self.frames += n
         self.pending = None
 
@@ -144,10 +157,11 @@ class CachePlan(AttentionPlan):
     """Self-attention of frames occupying cache slot [start, end): keys are buffer frames [0, end)
     with positions 0..end-1; queries sit at positions start..end-1.
 
-    Without gradients the pass writes its keys into the slot in place and attends over the buffer.
-    With gradients (training exit step) nothing is written: the pass attends over a snapshot of the
-    committed prefix concatenated with its own keys, so no gradient reaches other chunks through the
-    buffer and gradient checkpointing recomputes the same values."""
+    Without gradients the pass writes its keys into the slot in place and attends over the buffer
+    (with ``roped`` storage the block writes them itself, see ``slot_views``). With gradients
+    (training exit step) nothing is written: the pass attends over a snapshot of the committed prefix
+    concatenated with its own keys, so no gradient reaches other chunks through the buffer and
+    gradient checkpointing recomputes the same values."""
 
     def __init__(self, cache: SinkKVCache, slot, rope, rows: int, cols: int, backend: str, device) -> None:
         start, end = slot
@@ -155,25 +169,31 @@ class CachePlan(AttentionPlan):
         self.cache = cache
         self.lo = cache._tok(start)
         self.hi = cache._tok(end)
-        self.prefix_rope = rope.get(0, start, rows, cols, device) if start > 0 else None
+        needs_prefix_rope = start > 0 and not cache.roped
+        self.prefix_rope = rope.get(0, start, rows, cols, device) if needs_prefix_rope else None
         self.grad = torch.is_grad_enabled()
-        self.fused = False  # set by the caller when the model runs compiled
-        layers = range(cache.k.shape[0])
         if self.grad:
+            layers = range(cache.k.shape[0])
             self.prefix = [
                 (cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers
             ]
-        elif cache.kr is not None and cache.roped_frames < start:
-            for i in layers:  # one re-rope of the window per chunk, after eviction moved it
-                cache.kr[i, :, : self.lo] = self._rope_prefix(cache.k[i, :, : self.lo])
-            cache.roped_frames = start
 
-    def _rope_prefix(self, k: torch.Tensor) -> torch.Tensor:
-        return apply_rope(k, *self.prefix_rope).type_as(k)
+    def _window_keys(self, prefix: torch.Tensor, k_roped: torch.Tensor) -> torch.Tensor:
+        """The stored prefix keys (roped at positions 0.. unless already roped), then the pass's own."""
+        if self.prefix_rope is not None:
+            prefix = apply_rope(prefix, *self.prefix_rope).type_as(prefix)
+        return torch.cat([prefix, k_roped.to(prefix.dtype)], 1)
 
-    def _rope_window(self, prefix: torch.Tensor, k_roped: torch.Tensor) -> torch.Tensor:
-        fn = _rope_concat_compiled() if self.fused else _rope_concat
-        return fn(prefix, k_roped, *self.prefix_rope)
+    def slot_views(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the block should write its roped keys and values itself (fast path), or None."""
+        c = self.cache
+        if self.grad or not c.roped:
+            return None
+        return c.k[layer, :, self.lo : self.hi], c.v[layer, :, self.lo : self.hi]
+
+    def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values to attend over once the slot holds this pass's keys (``slot_views``)."""
+        return self.cache.k[layer, :, : self.hi], self.cache.v[layer, :, : self.hi]
 
     def keys_values(
         self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor
@@ -182,29 +202,13 @@ class CachePlan(AttentionPlan):
             pk, pv = self.prefix[layer]
             if self.lo == 0:
                 return k_roped, v
-            return torch.cat([self._rope_prefix(pk), k_roped.to(pk.dtype)], 1), torch.cat(
-                [pv, v.to(pv.dtype)], 1
-            )
+            return self._window_keys(pk, k_roped), torch.cat([pv, v.to(pv.dtype)], 1)
         c = self.cache
-        c.k[layer, :, self.lo : self.hi] = k
+        c.k[layer, :, self.lo : self.hi] = k_roped if c.roped else k
         c.v[layer, :, self.lo : self.hi] = v
+        if c.roped:
+            return self.window(layer)
         values = c.v[layer, :, : self.hi]
-        if c.kr is not None:
-            c.kr[layer, :, self.lo : self.hi] = k_roped
-            return c.kr[layer, :, : self.hi], values
         if self.lo == 0:
             return k_roped, values
-        return self._rope_window(c.k[layer, :, : self.lo], k_roped), values
-
-
-def _rope_concat(
-    prefix: torch.Tensor, k_roped: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Window keys for attention: the cached prefix roped at positions 0.. then the pass's own keys."""
-    return torch.cat([apply_rope(prefix, cos, sin).type_as(prefix), k_roped], 1)
-
-
-@functools.cache
-def _rope_concat_compiled():
-    """One fused kernel instead of eager RoPE + cat (used when the model is compiled)."""
-    return torch.compile(_rope_concat, dynamic=False)
+        return self._window_keys(c.k[layer, :, : self.lo], k_roped), values

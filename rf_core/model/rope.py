@@ -69,3 +69,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     re, im = xc[..., 0], xc[..., 1]
     out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def frame_shift(
+    head_dim: int, frames: int, device: torch.device | str, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [head_dim/2] rotating already-roped keys by ``frames`` frame positions (the row and
+    column channels stay put): apply_rope(rope(k, p), *frame_shift(d, s)) = rope(k, p + s)."""
+    cf, ch, cw = axis_dims(head_dim)
+    ang = torch.cat([_angles(torch.tensor([frames]), cf)[0], torch.zeros(ch + cw, dtype=torch.float64)])
+    return ang.cos().to(device, dtype), ang.sin().to(device, dtype)

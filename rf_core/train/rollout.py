@@ -25,7 +25,6 @@ import torch
 
 from rf_core.config import StreamConfig
 from rf_core.model.dit import WanDiT
-from rf_core.model.kv_cache import SinkKVCache
 from rf_core.stream import StreamSession
 
 
@@ -60,27 +59,16 @@ def make_session(
     weights stay float32) sets the dtype of the KV cache and of the noise: the cache snapshots the
     gradient passes keep until backward are the largest rollout tensors, so they should be stored at
     the compute precision, not the master-weight precision."""
-    session = StreamSession(
-        model, prompt_embeds, latent_hw, config=config, seed=seed, interrupt=interrupt, rope_cache=False
+    return StreamSession(
+        model,
+        prompt_embeds,
+        latent_hw,
+        config=config,
+        seed=seed,
+        interrupt=interrupt,
+        key_storage="raw",
+        cache_dtype=cache_dtype,
     )
-    if cache_dtype is not None and cache_dtype != session.dtype:
-        c = session.cache
-        layers, batch, _, heads, head_dim = c.k.shape
-        session.dtype = cache_dtype
-        session.cache = SinkKVCache(
-            layers,
-            batch,
-            c.frame_tokens,
-            heads,
-            head_dim,
-            c.config,
-            c.k.device,
-            cache_dtype,
-            rope_cache=False,
-        )
-        session.set_prompt(prompt_embeds)
-        session.reset()
-    return session
 
 
 def rollout(
