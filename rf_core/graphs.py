@@ -7,7 +7,9 @@ first run has compiled its kernels and built its cuDNN plans and RoPE tables out
 
 Everything a captured pass reads lives at a fixed address: its input latent (copied into a static
 buffer), the KV cache, the cross-attention keys/values (updated in place on a prompt switch, see
-``StreamSession._cross_kv``) and the plan's RoPE tables (kept alive with the graph). All graphs share
+``StreamSession._cross_kv``), the plan's RoPE tables (kept alive with the graph) and the weights.
+Weights can move (a LoRA patched in, ComfyUI offloading the model), so every pass compares their
+addresses with those at capture (about 0.1 ms) and drops all graphs when they differ. All graphs share
 one memory pool and keep only their small output alive, so no replay overwrites live data; a caller
 must use a graph's output before it replays that graph again.
 """
@@ -20,10 +22,19 @@ import torch
 
 
 class PassGraphs:
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
         self.pool = torch.cuda.graph_pool_handle()
         self.seen: set[Hashable] = set()
         self.graphs: dict[Hashable, tuple] = {}
+        self.weights: tuple[int, ...] = ()
+
+    def _check_weights(self) -> None:
+        weights = tuple(p.data_ptr() for p in self.model.parameters())
+        if weights != self.weights:
+            self.graphs.clear()
+            self.seen.clear()
+            self.weights = weights
 
     def run(
         self,
@@ -34,6 +45,7 @@ class PassGraphs:
     ) -> torch.Tensor | None:
         """``fn(x)``, replayed from a graph once ``key`` has been seen before. ``keep``: objects
         holding tensors the pass reads that must outlive the graph."""
+        self._check_weights()
         entry = self.graphs.get(key)
         if entry is None:
             if key not in self.seen:

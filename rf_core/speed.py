@@ -18,6 +18,7 @@ def make_fast(
     fp8: bool = False,
     roped_keys: bool = True,
     cuda_graphs: bool = False,
+    gelu_epilogue: bool = True,
 ) -> WanDiT:
     """Switch a model (in place) to the fast inference path.
 
@@ -28,6 +29,8 @@ def make_fast(
         roped_keys: streams keep their cached keys roped (``SinkKVCache`` key storage "roped"):
             a pass ropes only its own keys and writes them into the cache from the compiled kernel.
         cuda_graphs: streams on CUDA replay each repeating pass as a CUDA graph (rf_core/graphs.py).
+        gelu_epilogue: on CUDA, the FFN's GELU runs in the up-projection GEMM's epilogue (GELU of
+            the float32 accumulator instead of the bf16-rounded output: within bf16 rounding).
     """
     if fp8:
         from rf_core.model.fp8 import use_fp8_linears
@@ -39,6 +42,8 @@ def make_fast(
         model.set_rope_precision(torch.float32)
     model.key_storage = "roped" if roped_keys else "raw"
     model.cuda_graphs = cuda_graphs
+    for blk in model.blocks:
+        blk.gelu_epilogue = gelu_epilogue
     if attn_backend is not None:
         model.attn_backend = attn_backend
     if compile and not model.compiled:

@@ -99,7 +99,7 @@ class StreamSession:
             rope_dtype=model.rope.dtype,
         )
         use_graphs = model.cuda_graphs if cuda_graphs is None else cuda_graphs
-        self.graphs = PassGraphs() if use_graphs and self.device.type == "cuda" else None
+        self.graphs = PassGraphs(model) if use_graphs and self.device.type == "cuda" else None
         self.seed = seed
         self._prompt: torch.Tensor
         self._cross: list | None = None
