@@ -97,6 +97,7 @@ class StreamSession:
             self.dtype,
             key_storage=key_storage or model.key_storage,
             rope_dtype=model.rope.dtype,
+            fused=model.compiled,
         )
         use_graphs = model.cuda_graphs if cuda_graphs is None else cuda_graphs
         self.graphs = PassGraphs(model) if use_graphs and self.device.type == "cuda" else None

@@ -27,6 +27,8 @@ frames (Self-Forcing/LongLive); ``none`` = plain sliding window; ``global`` = no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from rf_core.config import StreamConfig
@@ -53,13 +55,17 @@ class SinkKVCache:
         dtype: torch.dtype,
         key_storage: str = "raw",
         rope_dtype: torch.dtype = torch.float64,
+        fused: bool = False,
     ) -> None:
+        """``fused``: rotate moved keys with one compiled kernel per call (for compiled models): the
+        float32 intermediates of eager RoPE over every layer's window would cost GiBs and ~15 ms."""
         if key_storage not in KEY_STORAGES:
             raise ValueError(f"key_storage must be one of {KEY_STORAGES}, got {key_storage!r}")
         self.config = config
         self.roped = key_storage == "roped"
         self.head_dim = head_dim
         self.rope_dtype = rope_dtype
+        self.fused = fused
         self.frame_tokens = frame_tokens
         self.capacity = config.cache_frames
         self.sink = config.effective_sink_frames
@@ -138,7 +144,7 @@ class SinkKVCache:
         if not self.roped or frames == 0:
             return k.clone()
         cos, sin = frame_shift(self.head_dim, frames, k.device, self.rope_dtype)
-        return apply_rope(k, cos, sin)
+        return (_apply_rope_compiled() if self.fused else apply_rope)(k, cos, sin)
 
     def commit(self) -> None:
         if self.pending is None:
@@ -212,3 +218,8 @@ class CachePlan(AttentionPlan):
         if self.lo == 0:
             return k_roped, values
         return self._window_keys(c.k[layer, :, : self.lo], k_roped), values
+
+
+@functools.cache
+def _apply_rope_compiled():
+    return torch.compile(apply_rope, dynamic=False)
