@@ -53,7 +53,8 @@ class PassGraphs:
                 return fn(x)
             static_x = x.clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: other threads' CUDA calls (ComfyUI's server, a decoder) may go on meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 static_out = fn(static_x)
             entry = self.graphs[key] = (graph, static_x, static_out, keep)
         graph, static_x, static_out, _ = entry

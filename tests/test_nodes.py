@@ -209,11 +209,14 @@ def test_global_policy_refuses_videos_longer_than_its_cache(nodes):
 
 # ----------------------------------------------------------------------------- generation
 def test_generate_matches_the_engine_and_settings_reach_it(nodes, rf_model_dir):
+    from rf_core.speed import make_fast
+
     settings = nodes.settings.RewardForcingStreamSettings().build("static", 3, 6, 0.5, shift=3.0)[0]
     latent, images = nodes.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), **{**GEN, "length": 33, "steps": 2}, settings=settings
     )["result"]
     dit = load_dit(rf_model_dir / "diffusion_models" / "rewardforcing.pt", dtype=torch.float32)
+    make_fast(dit, compile=False)  # the loader's default speed "fast" (nothing compiles on the CPU)
     config = StreamConfig(
         sink_policy="static", window_frames=6, ema_alpha=0.5, shift=3.0, denoise_steps=(1000, 500)
     )
@@ -434,6 +437,22 @@ def test_loading_twice_gives_the_same_weights_while_in_use(nodes):
     first = load_model(nodes)
     assert load_model(nodes) is first
     assert load_model(nodes, dtype="fp32") is not first  # other options, other weights
+
+
+def test_speed_fast_keeps_roped_keys_and_matches_the_reference_speed(nodes):
+    from rf_core.stream import StreamSession
+    from rf_core.tiny import random_prompt
+
+    fast, ref = load_model(nodes, placement="cpu"), load_model(nodes, placement="cpu", speed="reference")
+    assert fast is not ref and fast.dit.key_storage == "roped" and ref.dit.key_storage == "raw"
+    assert not fast.dit.compiled and not fast.dit.cuda_graphs  # on the CPU: nothing to compile or capture
+    out = []
+    for model in (fast, ref):
+        s = StreamSession(model.dit, random_prompt(model.cfg, seed=1), (4, 6), seed=2)
+        out.append(torch.cat([s.next_chunk() for _ in range(5)], 1))  # chunks 3 and 4 evict
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="speed must be one of"):
+        load_model(nodes, speed="turbo")
 
 
 def test_fp8_stores_block_linears_in_8_bits(nodes):

@@ -99,7 +99,7 @@ class WanBlock(nn.Module):
 
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         up, gelu, down = self.ffn
-        if self.gelu_epilogue and h.is_cuda and type(up) is nn.Linear:
+        if self.gelu_epilogue and h.is_cuda and type(up) is nn.Linear and not torch.is_grad_enabled():
             # cuBLASLt applies the tanh GELU to the float32 accumulator in the GEMM's epilogue: one
             # read and write of the 4680 x 8960 hidden activation fewer (its CPU kernel uses erf GELU)
             y = torch._addmm_activation(up.bias, h.flatten(0, -2), up.weight.t(), use_gelu=True)
