@@ -43,12 +43,14 @@ def make_decoder(kind: str, device, dtype, compile_decoder: bool):
 
     if kind == "none":
         return None
-    if kind == "wan":
+    if kind in ("wan", "wan-fast"):
         from rf_core.vae.stream_decode import WanStreamDecoder
         from rf_core.vae.wan_vae import WanVAE
 
         vae = WanVAE().to(device, dtype).eval().requires_grad_(False)
-        if compile_decoder:
+        if kind == "wan-fast":  # compiled pure-tensor pieces, sub-pixel upsampling
+            vae.make_fast()
+        elif compile_decoder:
             vae.use_channels_last()
             vae.decoder.compile()
         # one latent per decoder pass: same frames, a third of the compiled decoder's peak memory
@@ -114,7 +116,7 @@ def main() -> None:
     p.add_argument("--variants", default="plain,cudnn,fast")
     p.add_argument("--frames", type=int, action="append")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decoder", default="none", help="comma list of none, wan, taehv")
+    p.add_argument("--decoder", default="none", help="comma list of none, wan, wan-fast, taehv")
     p.add_argument("--overlap", action="store_true", help="decode on a side stream while the DiT runs")
     p.add_argument(
         "--compile-decoder", action="store_true", help="channels_last + torch.compile the Wan decoder"
