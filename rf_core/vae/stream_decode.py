@@ -88,6 +88,14 @@ class WanStreamDecoder:
         """Number of elements held in the causal cache (a measure of the state's size)."""
         return self._cache.num_elements()
 
+    def cache_storage_bytes(self) -> int:
+        """Bytes of storage the causal cache keeps alive: its elements' bytes unless a history is a
+        view of a bigger buffer (see ``wan_layers.last_frames``)."""
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._cache.history.values()
+        }
+        return sum(storages.values())
+
     @torch.no_grad()
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         self._shape.check(z, type(self).__name__)

@@ -12,6 +12,7 @@ convolutions so that no layout shuffles are needed between layers.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,24 @@ class CausalConv3d(nn.Conv3d):
         else:
             x = torch.cat([history, x], dim=2)
         if cache is not None:
-            cache.history[self] = x[:, :, -self.context :].clone()
+            cache.history[self] = last_frames(x, self.context)
         return super().forward(x)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def last_frames(x: torch.Tensor, n: int, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """A compact copy of the last ``n`` frames of ``x``, in ``memory_format`` (default: x's layout).
+
+    The memory format is explicit on purpose: a plain ``.clone()`` of a dense slice keeps the
+    slice's strides, and Inductor then removes it as a no-op, so a compiled graph returns a view
+    that keeps the whole (padded) input alive in the cache. The compact copy has other strides
+    (the batch stride), which Inductor keeps as a real copy.
+    """
+    return x[:, :, -n:].clone(memory_format=memory_format or memory_format_of(x))
 
 
 def _triple(v) -> tuple[int, int, int]:
@@ -135,17 +152,74 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, stride: int = 1, padding
 
 
 def _empty_like_layout(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    channels_last = like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous()
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+
+
+def zero_history(conv: CausalConv3d, like: torch.Tensor) -> torch.Tensor:
+    """The history a stream starts from: ``conv.context`` zero frames shaped and laid out like ``like``."""
+    b, _, _, h, w = like.shape
+    return _empty_like_layout((b, conv.in_channels, conv.context, h, w), like).zero_()
+
+
+def interleave_time_pairs(y: torch.Tensor) -> torch.Tensor:
+    """``[B, 2C, T, H, W]`` → ``[B, C, 2T, H, W]``: channels [0, C) are the earlier frame of each
+    pair, [C, 2C) the later one (Wan's temporal upsampling)."""
+    b, c2, t, h, w = y.shape
+    c = c2 // 2
+    doubled = _empty_like_layout((b, c, 2 * t, h, w), y)
+    doubled[:, :, 0::2] = y[:, :c]
+    doubled[:, :, 1::2] = y[:, c:]
+    return doubled
+
+
+# Nearest 2x then a 3-tap kernel, seen from the low-resolution input: the output row 2i + a
+# reads input rows i - 1 + a and i + a, with the taps that land on each row summed
+# (a = 0: W[0] | W[1] + W[2]; a = 1: W[0] + W[1] | W[2]). Indexed [a, tap of the 2x2, tap of the 3x3].
+_PHASE_FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def fold_subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 kernel ``[Cout, Cin, 3, 3]`` applied after a nearest 2x upsampling → the 2x2 kernels of
+    its four output phases, ``[4 * Cout, Cin, 1, 2, 2]`` ordered (row phase a, column phase b, Cout).
+
+    Folded in at least float32 and rounded once to the weight's dtype.
+    """
+    cout, cin = weight.shape[:2]
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    fold = torch.tensor(_PHASE_FOLD, dtype=w.dtype, device=w.device)
+    phases = torch.einsum("ark,oikl,bsl->aboirs", fold, w, fold).reshape(4 * cout, cin, 1, 2, 2)
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return phases.to(weight.dtype).contiguous(memory_format=fmt)
+
+
+def subpixel_upsample(x: torch.Tensor, phase_weight: torch.Tensor, phase_bias: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x in space followed by a 3x3 conv (padding 1), without building the 4x-sized input.
+
+    One 2x2 conv over the input zero-padded by 1 gives all four phases at (H + 1) x (W + 1);
+    phase (a, b) of low-resolution pixel (i, j) is that output at (i + a, j + b) and lands at
+    (2i + a, 2j + b). The output keeps the input's memory layout.
+    """
+    b, _, t, h, w = x.shape
+    cout = phase_weight.shape[0] // 4
+    phases = F.conv3d(x, phase_weight, phase_bias, padding=(0, 1, 1))
+    out = _empty_like_layout((b, cout, t, 2 * h, 2 * w), x)
+    grid = out.unflatten(4, (w, 2)).unflatten(3, (h, 2))  # [B, C, T, h, a, w, b]
+    for a in (0, 1):
+        for c in (0, 1):
+            p = 2 * a + c
+            grid[:, :, :, :, a, :, c] = phases[:, p * cout : (p + 1) * cout, :, a : a + h, c : c + w]
+    return out
 
 
 class Upsample(nn.Module):
     """Decoder resampling: nearest 2x in space + 3x3 conv halving the channels; optionally 2x in time.
 
-    The temporal part (``time_conv``, mode ``upsample3d``) turns each frame into two, except
-    the very first frame of a stream, which is passed through unchanged; the frames after it
-    are convolved with a zero history (the first frame is never part of it).
+    The spatial part runs as a sub-pixel convolution (:func:`subpixel_upsample`) with weights
+    folded from ``resample.1.weight``, the stored parameter. The temporal part (``time_conv``,
+    mode ``upsample3d``) turns each frame into two, except the very first frame of a stream,
+    which is passed through unchanged; the frames after it are convolved with a zero history
+    (the first frame is never part of it).
     """
 
     def __init__(self, dim: int, temporal: bool) -> None:
@@ -153,27 +227,53 @@ class Upsample(nn.Module):
         # Index 0 held the parameter-free nearest upsampler in the original; kept for `resample.1.*`.
         self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def phase_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Folded weight and bias for :func:`subpixel_upsample`, cached until the parameters change.
+
+        Folding costs a few small kernels, so it is simply redone where a change could go unseen:
+        inside compiled graphs, for autograd, and for inference tensors (ComfyUI loads models under
+        ``torch.inference_mode``), which have no version counter.
+        """
+        conv = self.resample[1]
+        weight, bias = conv.weight, conv.bias
+        if (
+            torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and weight.requires_grad)
+            or weight.is_inference()
+            or bias.is_inference()
+        ):
+            return fold_subpixel_weight(weight), bias.repeat(4)
+        # In-place updates bump _version; .to() and load_state_dict(assign=True) change the storage.
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device, p.stride()) for p in (weight, bias))
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, fold_subpixel_weight(weight), bias.repeat(4))
+        return self._folded[1], self._folded[2]
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.time_conv is not None:
-            x = self._double_time(x, cache)
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        return _conv2d_per_frame(self.resample[1], x, padding=1)
+            x = self.double_time(
+                x, cache, lambda frames: interleave_time_pairs(self.time_conv(frames, cache))
+            )
+        return subpixel_upsample(x, *self.phase_weights())
 
-    def _double_time(self, x: torch.Tensor, cache: CausalCache | None) -> torch.Tensor:
+    def double_time(
+        self,
+        x: torch.Tensor,
+        cache: CausalCache | None,
+        pairs: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Temporal 2x around ``pairs`` (frames → doubled frames, carrying the time conv's history):
+        the stream's first frame bypasses it."""
         first = None
         if cache is None or self not in cache.started:
             first, x = x[:, :, :1], x[:, :, 1:]
             if cache is not None:
                 cache.started.add(self)
         if x.shape[2] > 0:
-            b, c, t, h, w = x.shape
-            y = self.time_conv(x, cache)
-            # Output channels [0, C) are the earlier frame of each pair, [C, 2C) the later one.
-            doubled = _empty_like_layout((b, c, 2 * t, h, w), y)
-            doubled[:, :, 0::2] = y[:, :c]
-            doubled[:, :, 1::2] = y[:, c:]
-            x = doubled
+            x = pairs(x)
         return x if first is None else torch.cat([first, x], dim=2)
 
 
@@ -213,6 +313,6 @@ class Downsample(nn.Module):
             )
         x = torch.cat([history, x], dim=2)
         if cache is not None:
-            cache.history[self] = x[:, :, -1:].clone()
+            cache.history[self] = last_frames(x, 1)
         y = self.time_conv(x) if x.shape[2] >= 3 else x[:, :, :0]
         return y if first is None else torch.cat([first, y], dim=2)

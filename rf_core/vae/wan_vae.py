@@ -20,6 +20,7 @@ from torch import nn
 from rf_core.io.safe_load import CheckpointError, assign_state_dict, read_state_dict
 from rf_core.vae.latent_format import LATENT_CHANNELS, latent_stats
 from rf_core.vae.tensor_utils import at_least_fp32
+from rf_core.vae.wan_fast_decode import FastDecoderPath
 from rf_core.vae.wan_layers import (
     AttentionBlock,
     CausalCache,
@@ -99,12 +100,15 @@ class Decoder3d(nn.Module):
         self.upsamples = nn.ModuleList(blocks)
         # Index 1 is the (weightless) SiLU, kept so that the conv's key is head.2.*.
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.fast_path: FastDecoderPath | None = None
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         """Latents after ``conv2`` ``[B, z, n, h, w]`` → video in about [-1, 1] ``[B, 3, F, 8h, 8w]``.
 
         ``cache=None`` treats x as a whole video; otherwise x continues the stream in ``cache``.
         """
+        if self.fast_path is not None:
+            return self.fast_path(self, x, cache)
         x = self.conv1(x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
@@ -135,6 +139,20 @@ class WanVAE(nn.Module):
             elif isinstance(m, nn.Conv2d):
                 m.to(memory_format=torch.channels_last)
         self.memory_format = torch.channels_last_3d
+        return self
+
+    def make_fast(
+        self, compile: bool = True, mode: str | None = None, frames_per_pass: int | None = None
+    ) -> "WanVAE":
+        """Switch (in place) to the fast decoding path: channels-last, and the decoder run as pure
+        tensor functions (:mod:`rf_core.vae.wan_fast_decode`), each ``torch.compile``-d with static
+        shapes when ``compile``; ``mode`` is torch.compile's. ``frames_per_pass`` runs the two
+        largest resolutions on that many frames at a time (lower peak memory, same result).
+        Same results as the plain path up to the rounding of the compiled kernels; the causal
+        cache format does not change.
+        """
+        self.use_channels_last()
+        self.decoder.fast_path = FastDecoderPath(compile=compile, mode=mode, frames_per_pass=frames_per_pass)
         return self
 
     @property
