@@ -61,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU"
     )
     p.add_argument("--attn", default="auto", help="attention backend: auto, sdpa, cudnn, flash2, flash3")
-    p.add_argument("--fast", action="store_true", help="torch.compile + fp32 RoPE (GPU)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast path: compiled DiT and Wan decoder, fp32 RoPE, roped key cache, CUDA graphs (GPU)",
+    )
     p.add_argument(
         "--fp8", action="store_true", help="fp8 GEMMs (Hopper; opt-in, changes the output slightly)"
     )
@@ -159,7 +163,10 @@ def _decoder(args, device, dtype):
         )
     from rf_core.vae.wan_vae import load_wan_vae
 
-    return WanStreamDecoder(load_wan_vae(_need(args.vae, "the Wan VAE", "--vae"), device=device, dtype=dtype))
+    vae = load_wan_vae(_need(args.vae, "the Wan VAE", "--vae"), device=device, dtype=dtype)
+    if args.fast:
+        vae.make_fast(compile=device.type == "cuda")
+    return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -206,7 +213,14 @@ def run(args: argparse.Namespace) -> int:
     if args.fast or args.fp8:
         from rf_core.speed import make_fast
 
-        make_fast(model, compile=args.fast, rope_fp32=args.fast, fp8=args.fp8)
+        cuda = device.type == "cuda"
+        make_fast(
+            model,
+            compile=args.fast and cuda,
+            rope_fp32=args.fast,
+            fp8=args.fp8,
+            cuda_graphs=args.fast and cuda,
+        )
     embed = _prompt_source(args, model.cfg, device, dtype)
     cues = {c.chunk: embed(c.prompt) for c in timeline if c.chunk < chunks}
     decoder = _decoder(args, device, dtype)
