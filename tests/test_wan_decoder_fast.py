@@ -4,24 +4,12 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from _vae_helpers import tiny_vae
 
 from rf_core.vae.stream_decode import WanStreamDecoder
 from rf_core.vae.wan_fast_decode import FastDecoderPath, double_time_step, residual_step
 from rf_core.vae.wan_layers import CausalCache, ResidualBlock, Upsample, subpixel_upsample
-from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
-
-
-def tiny_vae(seed: int) -> WanVAE:
-    """dim=8 VAE with random norm gains and biases (all-ones gains would hide mistakes)."""
-    torch.manual_seed(seed)
-    vae = WanVAE(WanVAEConfig(dim=8))
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return vae.eval().requires_grad_(False)
+from rf_core.vae.wan_vae import WanVAE
 
 
 def randomise(module: torch.nn.Module) -> torch.nn.Module:

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _vae_helpers import tiny_vae
 from safetensors.torch import save_file
 
 from rf_core.io.safe_load import CheckpointError
@@ -20,18 +21,6 @@ MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
 STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
-
-
-def tiny_vae(dtype=torch.float32) -> WanVAE:
-    """A tiny VAE whose norm gains and biases are random too (all-ones gains hide shape mistakes)."""
-    vae = WanVAE(TINY)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    return vae.to(dtype).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- checkpoint layout (full size, meta)

@@ -66,6 +66,7 @@ class SinkKVCache:
         self.head_dim = head_dim
         self.rope_dtype = rope_dtype
         self.fused = fused
+        self._shifts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.frame_tokens = frame_tokens
         self.capacity = config.cache_frames
         self.sink = config.effective_sink_frames
@@ -143,7 +144,10 @@ class SinkKVCache:
         position (a copy in any case: source and destination may overlap)."""
         if not self.roped or frames == 0:
             return k.clone()
-        cos, sin = frame_shift(self.head_dim, frames, k.device, self.rope_dtype)
+        tables = self._shifts.get(frames)
+        if tables is None:  # built once per offset: the host-to-device copy would recur every chunk
+            tables = self._shifts[frames] = frame_shift(self.head_dim, frames, k.device, self.rope_dtype)
+        cos, sin = tables
         return (_apply_rope_compiled() if self.fused else apply_rope)(k, cos, sin)
 
     def commit(self) -> None:
