@@ -38,7 +38,7 @@ def chunk_flops(cfg, frame_tokens: int, chunk_frames: int, key_frames: int, pass
     return passes * cfg.num_layers * (linear + attn)
 
 
-def make_decoder(kind: str, device, dtype, compile_decoder: bool):
+def make_decoder(kind: str, device, dtype, compile_decoder: bool, frames_per_pass: int | None = None):
     from rf_core.pipeline import AsyncDecoder
 
     if kind == "none":
@@ -49,7 +49,7 @@ def make_decoder(kind: str, device, dtype, compile_decoder: bool):
 
         vae = WanVAE().to(device, dtype).eval().requires_grad_(False)
         if kind == "wan-fast":  # compiled pure-tensor pieces, sub-pixel upsampling
-            vae.make_fast()
+            vae.make_fast(frames_per_pass=frames_per_pass)
         elif compile_decoder:
             vae.use_channels_last()
             vae.decoder.compile()
@@ -121,6 +121,12 @@ def main() -> None:
     p.add_argument(
         "--compile-decoder", action="store_true", help="channels_last + torch.compile the Wan decoder"
     )
+    p.add_argument(
+        "--frames-per-pass",
+        type=int,
+        default=None,
+        help="wan-fast: frames per pass at the two top resolutions",
+    )
     p.add_argument("--preset", default="wan2.1-t2v-1.3b")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -128,6 +134,9 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="compare each variant's first chunk with plain")
     p.add_argument(
         "--profile", action="store_true", help="print the top GPU kernels of one steady-state chunk"
+    )
+    p.add_argument(
+        "--trace", default=None, help="with --profile: write the chrome trace there and print GPU idle gaps"
     )
     args = p.parse_args()
     frames_list = args.frames or [21]
@@ -143,7 +152,10 @@ def main() -> None:
     model = random_model(cfg, seed=0, device=device, dtype=dtype)
     prompt = random_prompt(cfg, tokens=40, seed=0).to(device, dtype)
     config = StreamConfig()
-    decoders = {k: make_decoder(k, device, dtype, args.compile_decoder) for k in args.decoder.split(",")}
+    decoders = {
+        k: make_decoder(k, device, dtype, args.compile_decoder, args.frames_per_pass)
+        for k in args.decoder.split(",")
+    }
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     reference_chunk = None
@@ -205,7 +217,8 @@ def main() -> None:
                 variant=variant,
                 decoder=dname
                 + ("+compile" if args.compile_decoder and dname == "wan" else "")
-                + ("+overlap" if args.overlap else ""),
+                + ("+overlap" if args.overlap else "")
+                + (f"+fpp{args.frames_per_pass}" if args.frames_per_pass and dname == "wan-fast" else ""),
                 latent_frames=frames,
                 video_frames=best["video_frames"],
                 seconds=best["total"],
@@ -221,31 +234,74 @@ def main() -> None:
                 warmup_s=warm_s,
                 all_seconds=[r["total"] for r in runs],
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                resident_gib=torch.cuda.memory_allocated() / 2**30 if cuda else None,
                 gpu=gpu,
                 torch=torch.__version__,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
         if args.profile:
-            profile_chunk(model, prompt, latent_hw, config)
+            profile_chunk(model, prompt, latent_hw, config, args.trace and f"{args.trace}/{variant}.json")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
-def profile_chunk(model, prompt, latent_hw, config) -> None:
+def profile_chunk(model, prompt, latent_hw, config, trace: str | None) -> None:
+    """Two steady-state chunks as the DiT-only benchmark runs them (each chunk's latents copied to
+    the host). With ``trace``: the chrome trace, and the GPU's idle gaps with the CPU ops under them."""
     from torch.profiler import ProfilerActivity, profile
 
     s = StreamSession(model, prompt, latent_hw, config, seed=0)
     for _ in range(4):
-        s.next_chunk()
+        s.next_chunk().cpu()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        s.next_chunk()
+        for _ in range(2):
+            s.next_chunk().cpu()
         torch.cuda.synchronize()
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
         flush=True,
     )
+    if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(trace)
+        print_gaps(prof)
+
+
+def print_gaps(prof, top: int = 15) -> None:
+    """GPU busy time against the profiled span, and the largest idle gaps between kernels."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    gpu = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    busy, gaps, end = 0.0, [], gpu[0][0]
+    for a, b in gpu:
+        if a > end:
+            gaps.append((a - end, end, a))
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    span = end - gpu[0][0]
+    print(
+        json.dumps(
+            dict(
+                gpu_span_ms=span / 1e3,
+                gpu_busy_ms=busy / 1e3,
+                idle_ms=(span - busy) / 1e3,
+                gaps_over_50us=sum(1 for g in gaps if g[0] > 50),
+                idle_in_gaps_over_50us_ms=sum(g[0] for g in gaps if g[0] > 50) / 1e3,
+            )
+        ),
+        flush=True,
+    )
+    for length, a, _ in sorted(gaps, reverse=True)[:top]:
+        under = sorted(
+            (e for e in cpu if e.time_range.start <= a <= e.time_range.end),
+            key=lambda e: e.time_range.end - e.time_range.start,
+        )
+        names = [e.name for e in under[:4]]
+        print(f"gap {length / 1e3:7.3f} ms at +{(a - gpu[0][0]) / 1e3:8.2f} ms  cpu: {names}", flush=True)
 
 
 if __name__ == "__main__":

@@ -114,36 +114,37 @@ class SinkKVCache:
         return self.frames, self.frames + n
 
     def _evict(self, e: int) -> None:
+        # Frame by frame and in place, so no copy of the evicted or kept frames is made (at full size
+        # a frame is ~144 MB of keys over all layers). The blend reads the evicted frames first;
+        # then each kept frame moves down by e slots, in ascending order, which never overwrites a
+        # frame still to be moved.
         z, t = self.sink, self.frame_tokens
         keep = self.frames - z - e
-        ev = slice(z * t, (z + e) * t)
-        if self.config.sink_policy == "ema" and z > 0:
-            ev_k, ev_v = self.k[:, :, ev].clone(), self.v[:, :, ev].clone()
-        if keep > 0:
-            src = slice((z + e) * t, (z + e + keep) * t)
-            dst = slice(z * t, (z + keep) * t)
-            self.k[:, :, dst] = self._moved(self.k[:, :, src], -e)
-            self.v[:, :, dst] = self.v[:, :, src].clone()
         if self.config.sink_policy == "ema" and z > 0:
             a = self.alpha
             for j in range(e):
                 slot = (self.evicted_total + j) % z
                 s = slice(slot * t, (slot + 1) * t)
-                src = slice(j * t, (j + 1) * t)
+                src = slice((z + j) * t, (z + j + 1) * t)
                 # same expression and rounding as the reference: a*sink + (1-a)*evicted
-                evicted = self._moved(ev_k[:, :, src], slot - (z + j))
+                evicted = self._moved(self.k[:, :, src], slot - (z + j))
                 self.k[:, :, s] = a * self.k[:, :, s] + (1 - a) * evicted
-                self.v[:, :, s] = a * self.v[:, :, s] + (1 - a) * ev_v[:, :, src]
+                self.v[:, :, s] = a * self.v[:, :, s] + (1 - a) * self.v[:, :, src]
                 self.frame_ids[slot] = None
+        for i in range(keep):
+            src = slice((z + e + i) * t, (z + e + i + 1) * t)
+            dst = slice((z + i) * t, (z + i + 1) * t)
+            self.k[:, :, dst] = self._moved(self.k[:, :, src], -e)
+            self.v[:, :, dst] = self.v[:, :, src]
         self.evicted_total += e
         del self.frame_ids[z : z + e]
         self.frames -= e
 
     def _moved(self, k: torch.Tensor, frames: int) -> torch.Tensor:
         """Keys [layers, B, tokens, H, D] moved by ``frames`` slots: roped keys follow their new
-        position (a copy in any case: source and destination may overlap)."""
+        position (raw keys do not change)."""
         if not self.roped or frames == 0:
-            return k.clone()
+            return k
         tables = self._shifts.get(frames)
         if tables is None:  # built once per offset: the host-to-device copy would recur every chunk
             tables = self._shifts[frames] = frame_shift(self.head_dim, frames, k.device, self.rope_dtype)
