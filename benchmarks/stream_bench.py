@@ -11,6 +11,7 @@ decode time, time to first frame, per-chunk latency p50/p99, MFU, peak GPU memor
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -38,11 +39,13 @@ def chunk_flops(cfg, frame_tokens: int, chunk_frames: int, key_frames: int, pass
     return passes * cfg.num_layers * (linear + attn)
 
 
-def make_decoder(kind: str, device, dtype, compile_decoder: bool, frames_per_pass: int | None = None):
+def make_decoder(kind: str, device, dtype, compile_decoder: bool):
     from rf_core.pipeline import AsyncDecoder
 
     if kind == "none":
         return None
+    kind, _, fpp = kind.partition("@")  # wan-fast@N: N frames per pass at the two top resolutions
+    frames_per_pass = int(fpp) if fpp else None
     if kind in ("wan", "wan-fast"):
         from rf_core.vae.stream_decode import WanStreamDecoder
         from rf_core.vae.wan_vae import WanVAE
@@ -116,7 +119,11 @@ def main() -> None:
     p.add_argument("--variants", default="plain,cudnn,fast")
     p.add_argument("--frames", type=int, action="append")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--decoder", default="none", help="comma list of none, wan, wan-fast, taehv")
+    p.add_argument(
+        "--decoder",
+        default="none",
+        help="comma list of none, wan, wan-fast, wan-fast@N (N frames per pass at the top resolutions), taehv",
+    )
     p.add_argument("--overlap", action="store_true", help="decode on a side stream while the DiT runs")
     p.add_argument(
         "--compile-decoder", action="store_true", help="channels_last + torch.compile the Wan decoder"
@@ -136,6 +143,9 @@ def main() -> None:
         "--profile", action="store_true", help="print the top GPU kernels of one steady-state chunk"
     )
     p.add_argument(
+        "--memory-peak", action="store_true", help="one more run, printing what is allocated at its peak"
+    )
+    p.add_argument(
         "--trace", default=None, help="with --profile: write the chrome trace there and print GPU idle gaps"
     )
     args = p.parse_args()
@@ -152,10 +162,7 @@ def main() -> None:
     model = random_model(cfg, seed=0, device=device, dtype=dtype)
     prompt = random_prompt(cfg, tokens=40, seed=0).to(device, dtype)
     config = StreamConfig()
-    decoders = {
-        k: make_decoder(k, device, dtype, args.compile_decoder, args.frames_per_pass)
-        for k in args.decoder.split(",")
-    }
+    decoders = {k: make_decoder(k, device, dtype, args.compile_decoder) for k in args.decoder.split(",")}
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     reference_chunk = None
@@ -203,6 +210,8 @@ def main() -> None:
             run_once(session, frames, decoder, sync, args.overlap)
             warm_s = time.perf_counter() - t_warm
             runs = [run_once(session, frames, decoder, sync, args.overlap) for _ in range(args.repeats)]
+            if args.memory_peak and cuda:
+                print_memory_peak(functools.partial(run_once, session, frames, decoder, sync, args.overlap))
             best = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
             chunks = frames // config.chunk_frames
             flops = sum(  # the last chunk's cache refresh never runs (StreamSession defers it)
@@ -217,8 +226,7 @@ def main() -> None:
                 variant=variant,
                 decoder=dname
                 + ("+compile" if args.compile_decoder and dname == "wan" else "")
-                + ("+overlap" if args.overlap else "")
-                + (f"+fpp{args.frames_per_pass}" if args.frames_per_pass and dname == "wan-fast" else ""),
+                + ("+overlap" if args.overlap else ""),
                 latent_frames=frames,
                 video_frames=best["video_frames"],
                 seconds=best["total"],
@@ -267,6 +275,41 @@ def profile_chunk(model, prompt, latent_hw, config, trace: str | None) -> None:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(trace)
         print_gaps(prof)
+
+
+def print_memory_peak(run, top: int = 12) -> None:
+    """Replays the allocator's history of one run and prints the live allocations at its peak,
+    grouped by the innermost frame in this repository (the baseline: what was live before it)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    run()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+    groups: dict[str, int] = {}
+    for ev in at_peak.values():
+        frames = [
+            f for f in ev.get("frames", []) if "/rf_core/" in f["filename"] or "/benchmarks/" in f["filename"]
+        ]
+        where = (
+            f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']} {frames[0]['name']}"
+            if frames
+            else "?"
+        )
+        groups[where] = groups.get(where, 0) + ev["size"]
+    print(json.dumps(dict(baseline_gib=base / 2**30, transient_peak_gib=peak / 2**30)), flush=True)
+    for where, size in sorted(groups.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {size / 2**20:9.1f} MiB  {where}", flush=True)
 
 
 def print_gaps(prof, top: int = 15) -> None:

@@ -30,10 +30,16 @@ def layer0_clean_keys(model, x0):
 
 
 @pytest.mark.parametrize("alpha", [0.999, 0.8])
-def test_ema_sink_trace_21_frames(alpha):
+@pytest.mark.parametrize("layers_per_step", ["all", "one"])
+def test_ema_sink_trace_21_frames(alpha, layers_per_step):
     model = random_model(seed=11)
     cfg = StreamConfig(ema_alpha=alpha)  # window 9, sink 3, chunk 3
     s = StreamSession(model, random_prompt(seed=1), (H, W), cfg, seed=3)
+    if layers_per_step == "one":  # evict layer by layer, as full-size models do in groups
+        s.cache.evict_group_bytes = 1
+        assert len(s.cache._layer_groups()) == model.cfg.num_layers > 1
+    else:
+        assert len(s.cache._layer_groups()) == 1
     clean_k, clean_v = [], []  # per chunk, all layers, as written by its context pass
     sink_k = sink_v = None
     for c in range(7):

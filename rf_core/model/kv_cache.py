@@ -43,6 +43,8 @@ class CacheFullError(RuntimeError):
 
 
 class SinkKVCache:
+    evict_group_bytes = 32 << 20  # eviction temporaries: one frame of keys of this many bytes of layers
+
     def __init__(
         self,
         num_layers: int,
@@ -114,31 +116,43 @@ class SinkKVCache:
         return self.frames, self.frames + n
 
     def _evict(self, e: int) -> None:
-        # Frame by frame and in place, so no copy of the evicted or kept frames is made (at full size
-        # a frame is ~144 MB of keys over all layers). The blend reads the evicted frames first;
+        # In place, a frame and a few layers at a time, so the temporaries stay small (at full size
+        # one frame of keys over all layers is ~144 MB). The blend reads the evicted frames first;
         # then each kept frame moves down by e slots, in ascending order, which never overwrites a
-        # frame still to be moved.
+        # frame still to be moved. Per element the maths is that of the whole-buffer expressions.
         z, t = self.sink, self.frame_tokens
         keep = self.frames - z - e
+
+        def frame(i: int) -> slice:
+            return slice(i * t, (i + 1) * t)
+
+        for layers in self._layer_groups():
+            k, v = self.k[layers], self.v[layers]
+            if self.config.sink_policy == "ema" and z > 0:
+                a = self.alpha
+                for j in range(e):
+                    slot = (self.evicted_total + j) % z
+                    s, src = frame(slot), frame(z + j)
+                    # same expression and rounding as the reference: a*sink + (1-a)*evicted
+                    evicted = self._moved(k[:, :, src], slot - (z + j))
+                    k[:, :, s] = a * k[:, :, s] + (1 - a) * evicted
+                    v[:, :, s] = a * v[:, :, s] + (1 - a) * v[:, :, src]
+            for i in range(keep):
+                k[:, :, frame(z + i)] = self._moved(k[:, :, frame(z + e + i)], -e)
+                v[:, :, frame(z + i)] = v[:, :, frame(z + e + i)]
         if self.config.sink_policy == "ema" and z > 0:
-            a = self.alpha
             for j in range(e):
-                slot = (self.evicted_total + j) % z
-                s = slice(slot * t, (slot + 1) * t)
-                src = slice((z + j) * t, (z + j + 1) * t)
-                # same expression and rounding as the reference: a*sink + (1-a)*evicted
-                evicted = self._moved(self.k[:, :, src], slot - (z + j))
-                self.k[:, :, s] = a * self.k[:, :, s] + (1 - a) * evicted
-                self.v[:, :, s] = a * self.v[:, :, s] + (1 - a) * self.v[:, :, src]
-                self.frame_ids[slot] = None
-        for i in range(keep):
-            src = slice((z + e + i) * t, (z + e + i + 1) * t)
-            dst = slice((z + i) * t, (z + i + 1) * t)
-            self.k[:, :, dst] = self._moved(self.k[:, :, src], -e)
-            self.v[:, :, dst] = self.v[:, :, src]
+                self.frame_ids[(self.evicted_total + j) % z] = None
         self.evicted_total += e
         del self.frame_ids[z : z + e]
         self.frames -= e
+
+    def _layer_groups(self) -> list[slice]:
+        """Slices of layers holding about ``evict_group_bytes`` of one frame's keys each."""
+        layers = self.k.shape[0]
+        frame_bytes = self.k[0, :, : self.frame_tokens].numel() * self.k.element_size()
+        step = max(1, min(layers, self.evict_group_bytes // max(1, frame_bytes)))
+        return [slice(i, i + step) for i in range(0, layers, step)]
 
     def _moved(self, k: torch.Tensor, frames: int) -> torch.Tensor:
         """Keys [layers, B, tokens, H, D] moved by ``frames`` slots: roped keys follow their new
