@@ -50,8 +50,8 @@ def ui_to_api(workflow: dict, classes: dict[str, type]) -> dict:
         inputs: dict = {}
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for name, has_control in widgets:
-            if not values:
-                break
+            if not values:  # the page would fill in the default: shipped workflows must store every widget
+                raise ValueError(f"node {node['id']} ({node['type']}): no value for widget {name!r}")
             value = values.pop(0)
             if has_control:
                 values.pop(0)
