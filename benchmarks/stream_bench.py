@@ -180,6 +180,9 @@ def main() -> None:
             make_fast(model, attn_backend="auto", gelu_epilogue=False)
         elif variant == "fast-graphs":
             make_fast(model, attn_backend="auto", cuda_graphs=True)
+        elif variant == "fast-graphs-tuned":  # Inductor's coordinate-descent tuning of its Triton kernels
+            model.compile_blocks(options={"coordinate_descent_tuning": True})
+            make_fast(model, attn_backend="auto", cuda_graphs=True)
         elif variant == "fast-fp8":
             make_fast(model, attn_backend="auto", fp8=True)
         elif variant == "fast-max-autotune":
