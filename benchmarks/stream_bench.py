@@ -46,6 +46,8 @@ def make_decoder(kind: str, device, dtype, compile_decoder: bool):
         return None
     kind, _, fpp = kind.partition("@")  # wan-fast@N: N frames per pass at the two top resolutions
     frames_per_pass = int(fpp) if fpp else None
+    if fpp and kind != "wan-fast":
+        raise ValueError(f"decoder {kind!r} takes no @N (frames per pass): only wan-fast does")
     if kind in ("wan", "wan-fast"):
         from rf_core.vae.stream_decode import WanStreamDecoder
         from rf_core.vae.wan_vae import WanVAE
@@ -128,19 +130,13 @@ def main() -> None:
     p.add_argument(
         "--compile-decoder", action="store_true", help="channels_last + torch.compile the Wan decoder"
     )
-    p.add_argument(
-        "--frames-per-pass",
-        type=int,
-        default=None,
-        help="wan-fast: frames per pass at the two top resolutions",
-    )
     p.add_argument("--preset", default="wan2.1-t2v-1.3b")
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--out", default=None)
     p.add_argument("--check", action="store_true", help="compare each variant's first chunk with plain")
     p.add_argument(
-        "--profile", action="store_true", help="print the top GPU kernels of one steady-state chunk"
+        "--profile", action="store_true", help="print the top GPU kernels of two steady-state chunks"
     )
     p.add_argument(
         "--memory-peak", action="store_true", help="one more run, printing what is allocated at its peak"
@@ -181,6 +177,8 @@ def main() -> None:
         elif variant == "fast-graphs":
             make_fast(model, attn_backend="auto", cuda_graphs=True)
         elif variant == "fast-graphs-tuned":  # Inductor's coordinate-descent tuning of its Triton kernels
+            if model.compiled:
+                raise SystemExit("fast-graphs-tuned compiles the blocks itself: run it in its own process")
             model.compile_blocks(options={"coordinate_descent_tuning": True})
             make_fast(model, attn_backend="auto", cuda_graphs=True)
         elif variant == "fast-fp8":
@@ -282,7 +280,9 @@ def profile_chunk(model, prompt, latent_hw, config, trace: str | None) -> None:
 
 def print_memory_peak(run, top: int = 12) -> None:
     """Replays the allocator's history of one run and prints the live allocations at its peak,
-    grouped by the innermost frame in this repository (the baseline: what was live before it)."""
+    grouped by the innermost frame in this repository (the baseline: what was live before it).
+    Frees of blocks allocated before the run are not seen, so state the run frees and rebuilds
+    (a decoder's causal cache on reset) counts twice: subtract it from the transient peak."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000)

@@ -126,6 +126,34 @@ def test_chunk_smaller_than_sink_fills_sink_then_blends_by_phase():
     assert s.cache.frame_ids == [None, None, None, 7, 8]
 
 
+@pytest.mark.parametrize("policy", ["ema", "static", "none"])
+@pytest.mark.parametrize("layers_per_step", ["all", "one"])
+def test_window_frames_keep_their_clean_keys_when_more_stay_than_leave(policy, layers_per_step):
+    """chunk 2, sink 3, window 9: each eviction moves 4 kept frames down by 2 slots, so a move lands
+    where another frame is still to be moved from. Every non-sink slot must hold exactly the keys and
+    values its frame's context pass wrote."""
+    cfg = StreamConfig(chunk_frames=2, sink_frames=3, window_frames=9, sink_policy=policy, ema_alpha=0.5)
+    s = StreamSession(random_model(seed=6), random_prompt(seed=2), (H, W), cfg, seed=5)
+    if layers_per_step == "one":
+        s.cache.evict_group_bytes = 1
+    c = s.cache
+    written = {}  # absolute frame -> (keys, values) as its context pass wrote them
+    moved = False
+    for _ in range(9):
+        s.next_chunk()
+        s.flush()
+        for slot in range(c.frames - 2, c.frames):
+            sl = slice(slot * T, (slot + 1) * T)
+            written[c.frame_ids[slot]] = (c.k[:, :, sl].clone(), c.v[:, :, sl].clone())
+        for slot in range(c.sink, c.frames):
+            frame = c.frame_ids[slot]
+            moved |= slot != frame
+            sl = slice(slot * T, (slot + 1) * T)
+            assert torch.equal(c.k[:, :, sl], written[frame][0]), (slot, frame)
+            assert torch.equal(c.v[:, :, sl], written[frame][1]), (slot, frame)
+    assert moved and c.evicted_total >= 8
+
+
 def test_forty_chunks_constant_memory():
     s = StreamSession(random_model(), random_prompt(), (H, W), seed=0)
     ptrs = (s.cache.k.data_ptr(), s.cache.v.data_ptr())
