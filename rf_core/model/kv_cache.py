@@ -228,11 +228,10 @@ class CachePlan(AttentionPlan):
             if self.lo == 0:
                 return k_roped, v
             return self._window_keys(pk, k_roped), torch.cat([pv, v.to(pv.dtype)], 1)
+        # raw storage (with roped storage the block writes into ``slot_views`` and never gets here)
         c = self.cache
-        c.k[layer, :, self.lo : self.hi] = k_roped if c.roped else k
+        c.k[layer, :, self.lo : self.hi] = k
         c.v[layer, :, self.lo : self.hi] = v
-        if c.roped:
-            return self.window(layer)
         values = c.v[layer, :, : self.hi]
         if self.lo == 0:
             return k_roped, values
