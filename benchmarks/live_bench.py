@@ -1,4 +1,4 @@
-"""Live mode at full size, headless: the Live node's loop (nodes/live_loop.py) with random weights.
+"""Live mode at full size, headless: the Live node's loop (nodes/live/loop.py) with random weights.
 
 For each decoder (TAEHV, Wan 2.1 VAE) one stream runs through ``LiveLoop`` exactly as the node drives
 it: decode of every chunk, frames to uint8 on the host, the page sender thread (JPEG + base64; the
@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodes.live_loop import LiveLoop  # noqa: E402
-from nodes.live_transport import ChunkSender  # noqa: E402
+from nodes.live.loop import LiveLoop  # noqa: E402
+from nodes.live.transport import ChunkSender  # noqa: E402
 from rf_core.config import StreamConfig, get_preset  # noqa: E402
 from rf_core.io.video import Mp4Writer  # noqa: E402
 from rf_core.stream import StreamSession  # noqa: E402

@@ -3,7 +3,7 @@
 * ``binary``: what ComfyUI does for ``send_sync(BinaryEventTypes.PREVIEW_IMAGE_WITH_METADATA,
   (("JPEG", pil_image, None), metadata))``: the server's event loop JPEG-encodes each frame
   (quality 95), prefixes a 4-byte length + JSON metadata and sends one binary message per frame.
-* ``event``: the live node's way (nodes/live_transport.py): a sender thread JPEG-encodes the chunk
+* ``event``: the live node's way (nodes/live/transport.py): a sender thread JPEG-encodes the chunk
   (quality 85) and sends one JSON event holding base64 frames; the loop only serialises and sends.
 * ``event-q95``: the same at quality 95, to separate the quality from the transport.
 
@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nodes.live_loop import LiveChunk  # noqa: E402
-from nodes.live_transport import chunk_payload, encode_jpegs  # noqa: E402
+from nodes.live.loop import LiveChunk  # noqa: E402
+from nodes.live.transport import chunk_payload, encode_jpegs  # noqa: E402
 
 PREVIEW_IMAGE_WITH_METADATA = 4
 

@@ -1,6 +1,9 @@
 """ComfyUI nodes: thin adapters from ComfyUI types to rf_core calls.
 
-Each module exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are merged here.
+Grouped by feature: ``load/`` (model, LoRA, decoder files), ``stream/`` (settings, Stream Generate, Stream
+Session, Decode), ``live/`` (the Live node, its loop, page transport and routes), ``prompts/`` (prompt
+embedding files), ``video/`` (Save Video, MP4 files), ``train/`` (Re-DMD Train). Each node module exports
+NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are merged here.
 """
 
 import os
@@ -14,16 +17,17 @@ _PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _PACK_DIR not in sys.path:
     sys.path.append(_PACK_DIR)
 
+# One folder per feature; shared pieces (comfy.py, common.py, conditioning.py, model_handle.py) sit here.
 _MODULES: tuple[str, ...] = (
-    "loaders",
-    "settings",
-    "generate",
-    "session_nodes",
-    "decode",
-    "prompts",
-    "save_video",
-    "live",
-    "train_nodes",
+    "load.loaders",
+    "stream.settings",
+    "stream.generate",
+    "stream.session",
+    "stream.decode",
+    "prompts.embeddings",
+    "video.save",
+    "live.node",
+    "train.nodes",
 )
 
 NODE_CLASS_MAPPINGS: dict = {}

@@ -10,7 +10,7 @@ from _live_helpers import SpyDecoder, encode, live_module, stream, taehv_decoder
 
 from rf_core.io.video import Mp4Writer, read_video_frames
 
-live_loop = live_module("live_loop")
+live_loop = live_module("live.loop")
 LiveLoop = live_loop.LiveLoop
 
 

@@ -10,8 +10,8 @@ from _live_helpers import encode, live_module, taehv_decoder, tiny_model
 
 from rf_core.io.video import read_video_frames
 
-live = live_module("live")
-routes = live_module("live_routes")
+live = live_module("live.node")
+routes = live_module("live.routes")
 handle = live_module("model_handle")
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 from _live_helpers import encode, live_module, stream, taehv_decoder
 
-routes = live_module("live_routes")
-sessions = live_module("live_sessions")
-live_loop = live_module("live_loop")
+routes = live_module("live.routes")
+sessions = live_module("live.sessions")
+live_loop = live_module("live.loop")
 
 SID = "0123456789abcdef0123456789abcdef"
 

@@ -40,9 +40,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def nodes(rf_pack, rf_model_dir, rf_output_dir):
     """The pack's node modules, with outputs going to tmp_path and no session left over."""
-    rf_pack.nodes.sessions.REGISTRY.free_all()
+    rf_pack.nodes.stream.registry.REGISTRY.free_all()
     yield rf_pack.nodes
-    rf_pack.nodes.sessions.REGISTRY.free_all()
+    rf_pack.nodes.stream.registry.REGISTRY.free_all()
 
 
 def cond(text: str = "a cat walks on a wall") -> list:
@@ -50,7 +50,7 @@ def cond(text: str = "a cat walks on a wall") -> list:
 
 
 def load_model(nodes, **kw):
-    return nodes.loaders.RewardForcingLoadModel().load("rewardforcing.pt", **kw)[0]
+    return nodes.load.loaders.RewardForcingLoadModel().load("rewardforcing.pt", **kw)[0]
 
 
 GEN = {"seed": 5, "length": 6, "length_unit": "frames", "width": 32, "height": 32, "steps": 4}
@@ -147,19 +147,19 @@ def test_steps_are_even_integer_timesteps(nodes):
 
 # ----------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_raise_errors_that_say_what_to_fix(nodes, rf_model_dir):
-    gen = nodes.generate.RewardForcingStreamGenerate()
+    gen = nodes.stream.generate.RewardForcingStreamGenerate()
     model = load_model(nodes)
     with pytest.raises(
         FileNotFoundError, match="'missing.pt' not found in models/diffusion_models or models/reward"
     ):
-        nodes.loaders.RewardForcingLoadModel().load("missing.pt")
+        nodes.load.loaders.RewardForcingLoadModel().load("missing.pt")
     (rf_model_dir / "diffusion_models" / "vae_by_mistake.safetensors").write_bytes(
         (rf_model_dir / "vae" / "wan_2.1_vae.safetensors").read_bytes()
     )
     with pytest.raises(
         ValueError, match="vae_by_mistake.safetensors is not a Wan2.1 text-to-video diffusion model"
     ):
-        nodes.loaders.RewardForcingLoadModel().load("vae_by_mistake.safetensors")
+        nodes.load.loaders.RewardForcingLoadModel().load("vae_by_mistake.safetensors")
     with pytest.raises(ValueError, match="width 100 is not a positive multiple of 16: use 96 or 112"):
         gen.generate(model, cond(), **{**GEN, "width": 100})
     with pytest.raises(ValueError, match="length must be more than 0"):
@@ -198,21 +198,23 @@ def test_queue_time_validation_of_a_graph(rf_pack, nodes):
 
 
 def test_global_policy_refuses_videos_longer_than_its_cache(nodes):
-    settings = nodes.settings.RewardForcingStreamSettings().build("global", 3, 9, 0.999, max_frames=6)[0]
+    settings = nodes.stream.settings.RewardForcingStreamSettings().build("global", 3, 9, 0.999, max_frames=6)[
+        0
+    ]
     with pytest.raises(ValueError, match="holds at most max_frames=6 latent frames but this length needs 21"):
-        nodes.generate.RewardForcingStreamGenerate().generate(
+        nodes.stream.generate.RewardForcingStreamGenerate().generate(
             load_model(nodes), cond(), **{**GEN, "length": 81}, settings=settings
         )
     with pytest.raises(ValueError, match="window_frames 4 must be >= sink_frames"):
-        nodes.settings.RewardForcingStreamSettings().build("ema", 3, 4, 0.999)
+        nodes.stream.settings.RewardForcingStreamSettings().build("ema", 3, 4, 0.999)
 
 
 # ----------------------------------------------------------------------------- generation
 def test_generate_matches_the_engine_and_settings_reach_it(nodes, rf_model_dir):
     from rf_core.speed import make_fast
 
-    settings = nodes.settings.RewardForcingStreamSettings().build("static", 3, 6, 0.5, shift=3.0)[0]
-    latent, images = nodes.generate.RewardForcingStreamGenerate().generate(
+    settings = nodes.stream.settings.RewardForcingStreamSettings().build("static", 3, 6, 0.5, shift=3.0)[0]
+    latent, images = nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), **{**GEN, "length": 33, "steps": 2}, settings=settings
     )["result"]
     dit = load_dit(rf_model_dir / "diffusion_models" / "rewardforcing.pt", dtype=torch.float32)
@@ -223,7 +225,7 @@ def test_generate_matches_the_engine_and_settings_reach_it(nodes, rf_model_dir):
     s = StreamSession(dit, cond()[0][0][:, :32], (4, 4), config, seed=5)
     z = torch.cat([s.next_chunk() for _ in range(3)], dim=1)
     assert latent["samples"].shape == (1, 16, 9, 4, 4)
-    torch.testing.assert_close(nodes.generate.to_comfy_latent(z), latent["samples"], rtol=0, atol=0)
+    torch.testing.assert_close(nodes.stream.generate.to_comfy_latent(z), latent["samples"], rtol=0, atol=0)
     # Without a decoder the IMAGE is a rough preview, one image per latent frame, at pixel size.
     assert images.shape == (9, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
 
@@ -250,7 +252,7 @@ def test_cancel_stops_generate_within_one_model_pass(nodes, monkeypatch):
     monkeypatch.setattr(model.dit, "run_blocks", lambda *a, **k: (passes.append(1), run_blocks(*a, **k))[1])
     monkeypatch.setattr(nodes.comfy, "interrupt_check", lambda: cancel_after(7))
     with pytest.raises(Cancelled):
-        nodes.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
+        nodes.stream.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
     assert len(passes) == 7  # Cancel was checked before the 8th pass, which never ran
 
 
@@ -259,7 +261,7 @@ def test_model_is_placed_again_before_every_chunk(nodes, monkeypatch):
     model = load_model(nodes)
     calls = []
     monkeypatch.setattr(model.managed, "acquire", lambda extra=0: (calls.append(extra), model.dit)[1])
-    nodes.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
+    nodes.stream.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
     assert len(calls) == 1 + 3 and calls[0] > 0 and calls[1:] == [0, 0, 0]  # room for the KV cache first
 
 
@@ -278,7 +280,7 @@ def test_progress_counts_passes_and_previews_each_chunk(nodes, rf_model_dir, mon
     monkeypatch.setattr(nodes.comfy, "Progress", RecordingProgress)
     RecordingProgress.log = []
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    nodes.generate.RewardForcingStreamGenerate().generate(
+    nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), **{**GEN, "length": 33}, vae=vae, unique_id="17"
     )
     log = RecordingProgress.log
@@ -291,12 +293,12 @@ def test_progress_counts_passes_and_previews_each_chunk(nodes, rf_model_dir, mon
 
 def test_generate_writes_the_mp4_as_chunks_arrive(nodes, rf_model_dir, tmp_path, monkeypatch):
     written = []
-    original = nodes.video_files.VideoFiles.write
+    original = nodes.video.files.VideoFiles.write
     monkeypatch.setattr(
-        nodes.video_files.VideoFiles, "write", lambda self, f: (written.append(f.shape[1]), original(self, f))
+        nodes.video.files.VideoFiles, "write", lambda self, f: (written.append(f.shape[1]), original(self, f))
     )
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    out = nodes.generate.RewardForcingStreamGenerate().generate(
+    out = nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), **{**GEN, "length": 33}, vae=vae, filename_prefix="clips/test"
     )
     assert written == [9, 12, 12]  # one write per decoded chunk
@@ -326,7 +328,7 @@ def session_args(**kw):
 
 
 def run_session(nodes, model, text="a cat walks on a wall", **kw):
-    return nodes.session_nodes.RewardForcingStreamSession().run(model, cond(text), **session_args(**kw))
+    return nodes.stream.session.RewardForcingStreamSession().run(model, cond(text), **session_args(**kw))
 
 
 def test_interrupted_session_run_resumes_exactly(nodes, rf_model_dir, monkeypatch):
@@ -340,7 +342,7 @@ def test_interrupted_session_run_resumes_exactly(nodes, rf_model_dir, monkeypatc
         with pytest.raises(Cancelled):
             run_session(nodes, model, session_id=sid, chunks=3, vae=vae)
         monkeypatch.setattr(nodes.comfy, "interrupt_check", lambda: None)
-        done = nodes.sessions.REGISTRY.get(sid).record.chunks
+        done = nodes.stream.registry.REGISTRY.get(sid).record.chunks
         images, latent = run_session(nodes, model, session_id=sid, chunks=4 - done, vae=vae)
         torch.testing.assert_close(latent["samples"], reference[1]["samples"], rtol=0, atol=0)
         torch.testing.assert_close(images, reference[0], rtol=0, atol=0)
@@ -377,10 +379,10 @@ def test_session_new_frames_settings_change_and_decoder_switch(nodes, rf_model_d
     assert (first.shape[0], second.shape[0], whole.shape[0]) == (21, 24, 57)
     torch.testing.assert_close(whole[:45], torch.cat([first, second]), rtol=0, atol=0)
     # A decoder switch re-decodes the stored latents: TAEHV frames for the whole stream.
-    decoder = nodes.loaders.RewardForcingLoadDecoder().load("taew2_1.pth")[0]
+    decoder = nodes.load.loaders.RewardForcingLoadDecoder().load("taew2_1.pth")[0]
     images, latent = run_session(nodes, model, chunks=1, decoder=decoder)
     taehv = TAEHVStreamDecoder(load_taehv(rf_model_dir / "vae_approx" / "taew2_1.pth"))
-    expected = taehv.decode_chunk(nodes.decode.from_comfy_latent(latent["samples"]))
+    expected = taehv.decode_chunk(nodes.stream.decode.from_comfy_latent(latent["samples"]))
     torch.testing.assert_close(images, expected[0].permute(0, 2, 3, 1), rtol=0, atol=1 / 255)
     # A new size cannot continue the stream: it starts over.
     images, latent = run_session(nodes, model, width=48, decoder=decoder)
@@ -389,7 +391,7 @@ def test_session_new_frames_settings_change_and_decoder_switch(nodes, rf_model_d
 
 def test_session_registry_memory_cap_and_free(nodes):
     model = load_model(nodes)
-    registry = nodes.sessions.REGISTRY
+    registry = nodes.stream.registry.REGISTRY
     run_session(nodes, model, session_id="a")
     one = registry.total_bytes()
     old_cap = registry.max_bytes
@@ -401,7 +403,7 @@ def test_session_registry_memory_cap_and_free(nodes):
         assert registry.ids() == ["a", "c"]  # b, least recently used, was freed
     finally:
         registry.max_bytes = old_cap
-    free = nodes.session_nodes.RewardForcingFreeSession()
+    free = nodes.stream.session.RewardForcingFreeSession()
     assert free.free("a")["ui"]["text"] == ["freed session 'a'"]
     assert free.free("zz")["ui"]["text"] == ["no session 'zz' (open: c)"]
     assert free.free("", all_sessions=True)["ui"]["text"] == ["freed 1 sessions"] and registry.ids() == []
@@ -424,13 +426,13 @@ def test_lora_node_patches_a_copy_and_keeps_the_loaded_model(nodes, rf_model_dir
     )
     base = load_model(nodes)
     before = base.dit.blocks[1].self_attn.q.weight.clone()
-    patched = nodes.loaders.RewardForcingLoRA().apply(base, "style.safetensors", 0.5)[0]
+    patched = nodes.load.loaders.RewardForcingLoRA().apply(base, "style.safetensors", 0.5)[0]
     assert torch.equal(base.dit.blocks[1].self_attn.q.weight, before)
     torch.testing.assert_close(patched.dit.blocks[1].self_attn.q.weight, before + 0.5 * (2.0 / 4) * b @ a)
     assert patched.identity != base.identity and patched.base is base
     with pytest.raises(ValueError, match="is not a LoRA for a Wan2.1 DiT"):
         (rf_model_dir / "loras" / "bad.safetensors").write_bytes(b"not a file")
-        nodes.loaders.RewardForcingLoRA().apply(base, "bad.safetensors", 1.0)
+        nodes.load.loaders.RewardForcingLoRA().apply(base, "bad.safetensors", 1.0)
 
 
 def test_loading_twice_gives_the_same_weights_while_in_use(nodes):
@@ -467,7 +469,7 @@ def test_fp8_stores_block_linears_in_8_bits(nodes):
 
 
 def test_decoder_loader_recognises_files(nodes, rf_model_dir):
-    loader = nodes.loaders.RewardForcingLoadDecoder()
+    loader = nodes.load.loaders.RewardForcingLoadDecoder()
     assert loader.load("wan_2.1_vae.safetensors")[0].kind == "wan"
     assert loader.load("taew2_1.pth")[0].kind == "taehv"
     (rf_model_dir / "vae" / "dit.pt").write_bytes(
@@ -478,30 +480,30 @@ def test_decoder_loader_recognises_files(nodes, rf_model_dir):
 
 
 def test_decode_node_matches_whole_video_decode(nodes, rf_model_dir):
-    latent = nodes.generate.RewardForcingStreamGenerate().generate(
+    latent = nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), **{**GEN, "length": 24}
     )["result"][0]
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    (images,) = nodes.decode.RewardForcingDecode().decode(latent, chunk_frames=2, vae=vae)
+    (images,) = nodes.stream.decode.RewardForcingDecode().decode(latent, chunk_frames=2, vae=vae)
     whole = NATIVE["VAEDecode"]().decode(latent, vae)[0]
     assert images.shape == (21, 32, 32, 3)
     torch.testing.assert_close(images, whole, rtol=0, atol=1e-5)
-    ours = nodes.loaders.RewardForcingLoadDecoder().load("wan_2.1_vae.safetensors")[0]
+    ours = nodes.load.loaders.RewardForcingLoadDecoder().load("wan_2.1_vae.safetensors")[0]
     torch.testing.assert_close(
-        nodes.decode.RewardForcingDecode().decode(latent, 4, decoder=ours)[0], whole, rtol=0, atol=1e-5
+        nodes.stream.decode.RewardForcingDecode().decode(latent, 4, decoder=ours)[0], whole, rtol=0, atol=1e-5
     )
     with pytest.raises(ValueError, match="connect a VAE"):
-        nodes.decode.RewardForcingDecode().decode(latent)
+        nodes.stream.decode.RewardForcingDecode().decode(latent)
 
 
 # ----------------------------------------------------------------------------- files
 def test_prompt_embeddings_round_trip(nodes, rf_model_dir):
-    save = nodes.prompts.RewardForcingSavePromptEmbeddings()
+    save = nodes.prompts.embeddings.RewardForcingSavePromptEmbeddings()
     a, b = cond("first prompt"), cond("second prompt here")
     save.save(a, "library", "first", "first prompt")
     out = save.save(b, "library", "second")
     assert out["result"] == (b,) and out["ui"]["text"] == ["saved 'second' to library.safetensors"]
-    load = nodes.prompts.RewardForcingLoadPromptEmbeddings()
+    load = nodes.prompts.embeddings.RewardForcingLoadPromptEmbeddings()
     assert "library.safetensors" in nodes.comfy.filename_list("reward_forcing_prompts")
     torch.testing.assert_close(load.load("library.safetensors", "first")[0][0][0], a[0][0])
     torch.testing.assert_close(load.load("library.safetensors", "second")[0][0][0], b[0][0])
@@ -513,9 +515,9 @@ def test_prompt_embeddings_round_trip(nodes, rf_model_dir):
 
 def test_save_video_node_writes_all_frames(nodes, tmp_path):
     images = torch.rand(30, 32, 48, 3)
-    out = nodes.save_video.RewardForcingSaveVideo().save(images, 16.0, "RewardForcing/clip")
+    out = nodes.video.save.RewardForcingSaveVideo().save(images, 16.0, "RewardForcing/clip")
     (entry,) = out["ui"]["images"]
     frames = read_video_frames(tmp_path / "output" / "RewardForcing" / entry["filename"])
     assert frames.shape == (30, 32, 48, 3) and out["ui"]["animated"] == (True,)
     with pytest.raises(ValueError, match="no frames to save"):
-        nodes.save_video.RewardForcingSaveVideo().save(images[:0])
+        nodes.video.save.RewardForcingSaveVideo().save(images[:0])

@@ -52,7 +52,7 @@ def tiny_prompt_list():
 
 
 def test_encode_prompt_list_pads_to_one_length(nodes):
-    (prompts,) = nodes.train_nodes.RewardForcingEncodePromptList().encode(
+    (prompts,) = nodes.train.nodes.RewardForcingEncodePromptList().encode(
         TokenCLIP(), "a cat\n\n a red dog runs \n", "bad"
     )
     assert prompts.texts == ["a cat", "a red dog runs"]
@@ -61,15 +61,15 @@ def test_encode_prompt_list_pads_to_one_length(nodes):
     torch.testing.assert_close(prompts.embeds[0, :3], clip.encode_from_tokens_scheduled("a cat")[0][0][0])
     assert prompts.embeds[0, 3:].abs().max() == 0 and prompts.negative[2:].abs().max() == 0
     with pytest.raises(ValueError, match="one training prompt per line"):
-        nodes.train_nodes.RewardForcingEncodePromptList().encode(TokenCLIP(), " \n", "bad")
+        nodes.train.nodes.RewardForcingEncodePromptList().encode(TokenCLIP(), " \n", "bad")
 
 
 def test_redmd_train_runs_under_inference_mode_and_leaves_the_models_alone(nodes, rf_model_dir):
     with torch.inference_mode():  # as ComfyUI runs every node: loaded weights are inference tensors
-        (student,) = nodes.loaders.RewardForcingLoadModel().load("rewardforcing.pt")
-        (decoder,) = nodes.loaders.RewardForcingLoadDecoder().load("wan_2.1_vae.safetensors")
+        (student,) = nodes.load.loaders.RewardForcingLoadModel().load("rewardforcing.pt")
+        (decoder,) = nodes.load.loaders.RewardForcingLoadDecoder().load("wan_2.1_vae.safetensors")
         before = {k: v.clone() for k, v in student.dit.state_dict().items()}
-        out = nodes.train_nodes.RewardForcingReDMDTrain().train(
+        out = nodes.train.nodes.RewardForcingReDMDTrain().train(
             student, student, tiny_prompt_list(), decoder=decoder, **TRAIN
         )
     path, curves, preview = out["result"]
@@ -95,9 +95,9 @@ def test_cancel_keeps_the_checkpoints_and_resume_continues(nodes, monkeypatch, t
 
         return check
 
-    node = nodes.train_nodes.RewardForcingReDMDTrain()
+    node = nodes.train.nodes.RewardForcingReDMDTrain()
     with torch.inference_mode():
-        (student,) = nodes.loaders.RewardForcingLoadModel().load("rewardforcing.pt")
+        (student,) = nodes.load.loaders.RewardForcingLoadModel().load("rewardforcing.pt")
         monkeypatch.setattr(nodes.comfy, "interrupt_check", lambda: cancel_after(10**9))
         node.train(student, student, tiny_prompt_list(), **{**TRAIN, "steps": 3, "output_name": "full_run"})
         passes_full = len(calls)

@@ -45,9 +45,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def executor(rf_pack, rf_model_dir, rf_output_dir):
     VAELoader.folder["value"] = rf_model_dir / "vae"
-    rf_pack.nodes.sessions.REGISTRY.free_all()
+    rf_pack.nodes.stream.registry.REGISTRY.free_all()
     yield GraphExecutor({**NATIVE, **rf_pack.NODE_CLASS_MAPPINGS})
-    rf_pack.nodes.sessions.REGISTRY.free_all()
+    rf_pack.nodes.stream.registry.REGISTRY.free_all()
 
 
 def workflow(name: str, **changes) -> dict:

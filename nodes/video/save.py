@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import CATEGORY, WAN_FPS, fps_widget
-from .video_files import VideoFiles, video_ui
+from ..common import CATEGORY, WAN_FPS, fps_widget
+from .files import VideoFiles, video_ui
 
 CHUNK = 12  # frames converted and encoded at a time: one generated chunk, a bounded amount of memory
 

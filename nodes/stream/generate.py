@@ -6,8 +6,8 @@ from rf_core.config import StreamConfig
 from rf_core.stream import StreamSession
 from rf_core.vae.latent_format import to_comfy_latent
 
-from . import comfy
-from .common import (
+from .. import comfy
+from ..common import (
     CATEGORY,
     WAN_FPS,
     check_size,
@@ -22,11 +22,11 @@ from .common import (
     stream_settings_input,
     stream_state_bytes,
 )
-from .conditioning import prompt_embeds
+from ..conditioning import prompt_embeds
+from ..model_handle import RFModel
+from ..video.files import VideoFiles, video_ui
 from .decoders import decoder_stream
-from .model_handle import RFModel
-from .stream_record import StreamRecord
-from .video_files import VideoFiles, video_ui
+from .record import StreamRecord
 
 
 def check_model(model) -> RFModel:

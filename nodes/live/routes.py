@@ -14,8 +14,8 @@ import json
 import re
 from collections.abc import Mapping
 
-from .live_loop import FINISHED
-from .live_sessions import LIVE_SESSIONS, SESSION_ID_HEX, LiveRegistry
+from .loop import FINISHED
+from .sessions import LIVE_SESSIONS, SESSION_ID_HEX, LiveRegistry
 
 PREFIX = "/reward_forcing/live"
 MAX_PROMPT_CHARS = 2000

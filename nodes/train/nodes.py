@@ -18,11 +18,11 @@ import torch
 from rf_core.model.dit import WanDiT
 from rf_core.text.embeddings import WAN_NEGATIVE_PROMPT
 
-from . import comfy
-from .common import CATEGORY, latent_hw
-from .conditioning import prompt_embeds
-from .decoders import decoder_stream
-from .model_handle import RFModel
+from .. import comfy
+from ..common import CATEGORY, latent_hw
+from ..conditioning import prompt_embeds
+from ..model_handle import RFModel
+from ..stream.decoders import decoder_stream
 
 log = logging.getLogger("reward_forcing")
 
@@ -443,7 +443,7 @@ def _preview(trainer, prompts, hw: tuple[int, int], decode) -> torch.Tensor:
     """One video of the trained student (first prompt, the inference sink policy) as IMAGE frames."""
     from rf_core.train.rollout import sample
 
-    from .previews import latent_rgb
+    from ..stream.previews import latent_rgb
 
     dev = trainer.device
     latents = sample(

@@ -12,8 +12,8 @@ import torch
 
 from rf_core.vae.latent_format import LATENT_CHANNELS, to_comfy_latent
 
-from . import comfy
-from .model_handle import RFDecoder
+from .. import comfy
+from ..model_handle import RFDecoder
 
 
 class ComfyVAEStream:

@@ -11,9 +11,9 @@ from rf_core.text.embeddings import (
     save_prompt_embeddings,
 )
 
-from . import comfy
-from .common import CATEGORY
-from .conditioning import to_conditioning
+from .. import comfy
+from ..common import CATEGORY
+from ..conditioning import to_conditioning
 
 comfy.register_model_folder(comfy.PROMPT_FOLDER)
 

@@ -10,8 +10,8 @@ from rf_core.config import StreamConfig
 from rf_core.stream import StreamSession
 from rf_core.vae.latent_format import to_comfy_latent
 
-from . import comfy
-from .common import (
+from .. import comfy
+from ..common import (
     CATEGORY,
     check_size,
     model_input,
@@ -22,11 +22,11 @@ from .common import (
     stream_settings_input,
     stream_state_bytes,
 )
-from .conditioning import prompt_embeds
+from ..conditioning import prompt_embeds
 from .decoders import decoder_stream
 from .generate import stream_inputs
-from .sessions import REGISTRY, Session
-from .stream_record import StreamRecord
+from .record import StreamRecord
+from .registry import REGISTRY, Session
 
 log = logging.getLogger("reward_forcing")
 

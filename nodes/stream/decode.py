@@ -6,8 +6,8 @@ import torch
 
 from rf_core.vae.latent_format import from_comfy_latent
 
-from . import comfy
-from .common import CATEGORY
+from .. import comfy
+from ..common import CATEGORY
 from .decoders import decoder_stream
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .stream_record import StreamRecord
+from .record import StreamRecord
 
 log = logging.getLogger("reward_forcing")
 

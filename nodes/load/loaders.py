@@ -10,9 +10,9 @@ import torch
 from rf_core.io.safe_load import CheckpointError
 from rf_core.model.attention import BACKENDS
 
-from . import comfy
-from .common import CATEGORY
-from .model_handle import Managed, RFDecoder, RFModel
+from .. import comfy
+from ..common import CATEGORY
+from ..model_handle import Managed, RFDecoder, RFModel
 
 comfy.register_model_folder()
 

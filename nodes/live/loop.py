@@ -1,7 +1,7 @@
 """The live loop: one long generation that runs until stopped, takes prompt changes between chunks,
 and hands every decoded chunk to the page and to the recording as soon as it exists.
 
-Plain Python and torch, no ComfyUI: the live node (``nodes/live.py``) injects the text encoder, the
+Plain Python and torch, no ComfyUI: the live node (``nodes/live/node.py``) injects the text encoder, the
 frame sender and the video writer, tests inject their own. Control calls (``request_prompt``,
 ``pause``, ``resume``, ``stop``, ``status``) come from HTTP route handlers on the server's thread
 while ``run`` executes on the prompt worker thread, so every piece of shared state sits behind one

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rf_core.config import SINK_POLICIES, StreamConfig
 
-from .common import CATEGORY
+from ..common import CATEGORY
 
 _DEFAULT = StreamConfig()
 

@@ -10,7 +10,7 @@ import secrets
 import threading
 from collections import OrderedDict
 
-from .live_loop import LiveLoop
+from .loop import LiveLoop
 
 SESSION_ID_HEX = 32  # characters of a session id: 128 random bits, so ids cannot be guessed
 

@@ -1,10 +1,10 @@
 """Live: one long node run that streams until Stop, shows every chunk in the node's player, takes new
 prompts from the page, and records the whole run to an MP4.
 
-The node wires ComfyUI objects into ``LiveLoop`` (nodes/live_loop.py): the connected CLIP encodes
+The node wires ComfyUI objects into ``LiveLoop`` (nodes/live/loop.py): the connected CLIP encodes
 each prompt on the prompt worker thread, chunks go to the page as ``rewardforcing.live.*``
-WebSocket events (nodes/live_transport.py), and the page controls the run through the routes in
-nodes/live_routes.py. The player itself is web/js/live.js.
+WebSocket events (nodes/live/transport.py), and the page controls the run through the routes in
+nodes/live/routes.py. The player itself is web/js/live.js.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from rf_core.config import StreamConfig
 from rf_core.stream import StreamSession
 
-from . import comfy
-from .common import (
+from .. import comfy
+from ..common import (
     CATEGORY,
     WAN_FPS,
     check_size,
@@ -31,15 +31,15 @@ from .common import (
     stream_settings_input,
     stream_state_bytes,
 )
-from .conditioning import prompt_embeds
-from .decoders import decoder_stream
-from .generate import stream_inputs
-from .live_loop import LiveLoop, LiveResult
-from .live_routes import MAX_PROMPT_CHARS, register_routes
-from .live_sessions import LIVE_SESSIONS, new_session_id
-from .live_transport import ERROR_EVENT, STATE_EVENT, ChunkSender
-from .model_handle import RFModel
-from .video_files import VideoFiles
+from ..conditioning import prompt_embeds
+from ..model_handle import RFModel
+from ..stream.decoders import decoder_stream
+from ..stream.generate import stream_inputs
+from ..video.files import VideoFiles
+from .loop import LiveLoop, LiveResult
+from .routes import MAX_PROMPT_CHARS, register_routes
+from .sessions import LIVE_SESSIONS, new_session_id
+from .transport import ERROR_EVENT, STATE_EVENT, ChunkSender
 
 RECORDING_UI_KEY = "rf_live_recording"  # the node's UI output: [{"filename", "subfolder", "type"}]
 AHEAD_SECONDS = 1.0  # how far generation may run ahead of playback with "realtime" on

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from .live_loop import LiveChunk
+from .loop import LiveChunk
 
 log = logging.getLogger("reward_forcing")
 

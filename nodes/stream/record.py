@@ -17,7 +17,7 @@ import torch
 
 from rf_core.stream import StreamSession
 
-from .comfy import Progress
+from ..comfy import Progress
 from .previews import latent_rgb
 
 

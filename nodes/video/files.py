@@ -8,7 +8,7 @@ import torch
 
 from rf_core.io.video import Mp4Writer
 
-from . import comfy
+from .. import comfy
 
 
 class VideoFiles:

@@ -1,0 +1,1 @@
+"""Loading files: the causal DiT, LoRAs on it, and the streaming decoders."""

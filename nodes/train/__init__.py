@@ -1,0 +1,1 @@
+"""Re-DMD LoRA training from a graph."""

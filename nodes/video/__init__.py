@@ -1,0 +1,1 @@
+"""Video files: Save Video and the MP4 writers the generators share."""
