@@ -145,3 +145,31 @@ test("chunk events become indexed frames and base64 decodes to bytes", () => {
   assert.deepEqual([...base64ToBytes(got[0].data)], [0, 1, 2]);
   assert.deepEqual([...base64ToBytes(got[1].data)], [255]);
 });
+
+test("frames of a newer prompt replace the queued old ones and show at the next tick", () => {
+  const cut = [];
+  const b = new JitterBuffer({ fps: 16, prebuffer: 3, maxFrames: 48, discard: (f) => cut.push(f.index) });
+  b.push(frames(0, 24, 0));
+  assert.equal(b.next(0).index, 0);
+  assert.equal(b.next(70).index, 1);
+  b.push(frames(24, 12, 1)); // the first chunk under prompt 1 arrives with 22 old frames queued
+  assert.equal(b.size, 12);
+  assert.deepEqual(cut, [...Array(22).keys()].map((i) => i + 2));
+  assert.equal(b.cut, 22);
+  const latency = new SwitchLatency();
+  latency.requested(1, 50);
+  const shown = b.next(80); // 10 ms later: at once, not when frame 24 would have been due
+  assert.equal(shown.index, 24);
+  assert.equal(latency.shown(shown.promptVersion, 80), 30);
+  assert.equal(b.next(100), null, "then the clock restarts: the next frame 1/fps later");
+  assert.equal(b.next(80 + 62.5).index, 25);
+});
+
+test("without cutOnNewPrompt a switch waits for the queued frames", () => {
+  const b = new JitterBuffer({ fps: 16, prebuffer: 3, cutOnNewPrompt: false });
+  b.push(frames(0, 24, 0));
+  b.next(0);
+  b.push(frames(24, 12, 1));
+  assert.equal(b.size, 35);
+  assert.equal(b.next(70).promptVersion, 0);
+});

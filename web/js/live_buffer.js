@@ -11,12 +11,16 @@
  * - The queue never holds more than `maxFrames`: the oldest frames go first, which bounds the
  *   delay between generation and display (what a prompt switch waits for).
  * - Frames older than what was already queued (a repeated or reordered chunk) are ignored.
- * Frames that are skipped or dropped are handed to `discard` (e.g. to close an ImageBitmap).
+ * - With `cutOnNewPrompt` (default), frames of a newer prompt version replace the queued frames of
+ *   older ones and show at the next tick: a prompt switch appears as soon as its first chunk
+ *   arrives instead of after the buffered video of the old prompt.
+ * Frames that are skipped, dropped or cut are handed to `discard` (e.g. to close an ImageBitmap).
  */
 export class JitterBuffer {
-  constructor({ fps = 16, prebuffer = 3, maxFrames = 48, discard = () => {} } = {}) {
+  constructor({ fps = 16, prebuffer = 3, maxFrames = 48, cutOnNewPrompt = true, discard = () => {} } = {}) {
     if (!(fps > 0)) throw new Error(`fps must be positive, got ${fps}`);
     this.fps = fps;
+    this.cutOnNewPrompt = cutOnNewPrompt;
     this.prebuffer = Math.max(1, prebuffer);
     this.maxFrames = Math.max(this.prebuffer, maxFrames);
     this.discard = discard;
@@ -34,6 +38,8 @@ export class JitterBuffer {
     this.shown = 0;
     this.skipped = 0;
     this.dropped = 0;
+    this.cut = 0; // frames of an old prompt replaced by a newer one's
+    this.restart = false; // a cut happened: the next tick shows the new prompt's first frame
     this.underruns = 0;
   }
 
@@ -47,6 +53,12 @@ export class JitterBuffer {
       if (frame.index <= this.lastIndex) {
         this.discard(frame);
         continue;
+      }
+      if (this.cutOnNewPrompt && this.queue.length && frame.promptVersion > this.queue.at(-1).promptVersion) {
+        for (const old of this.queue) this.discard(old);
+        this.cut += this.queue.length;
+        this.queue = [];
+        this.restart = true;
       }
       this.queue.push(frame);
       this.lastIndex = frame.index;
@@ -72,6 +84,11 @@ export class JitterBuffer {
       this.played = 0;
     }
     if (this.state !== "playing") return null;
+    if (this.restart) {
+      this.restart = false;
+      this.clockStart = now;
+      this.played = 0;
+    }
     const due = Math.floor(((now - this.clockStart) * this.fps) / 1000) + 1;
     let frame = null;
     while (this.played < due && this.queue.length) {
