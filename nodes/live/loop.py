@@ -174,6 +174,10 @@ class LiveLoop:
         self._pace_origin: float | None = None  # wall time at which frame 0 counts as shown
         session.interrupt = self._check  # Stop, Cancel and prompt switches act before every model pass
         self._generating = False  # a chunk of the engine is in progress (switches may abandon it)
+        # On CUDA the host would queue a whole chunk's passes in a few milliseconds and then wait, so a
+        # switch or Stop checked "before every pass" would only act a chunk later: keep at most one
+        # pass queued ahead of the GPU (the GPU never idles: it runs pass p - 1 while p is prepared).
+        self._pass_marks: deque | None = deque() if session.device.type == "cuda" else None
         self._pipe: AsyncDecoder | None = None
         self._in_flight: deque[tuple[float | None, int]] = deque()  # (switch requested at, version)
         self._submitted = 0
@@ -296,6 +300,14 @@ class LiveLoop:
         return LiveResult(self._chunks, self._frames, stopped_by, self._kept_images())
 
     def _check(self) -> None:
+        if self._pass_marks is not None:
+            mark = torch.cuda.Event()
+            mark.record()  # the end of everything queued so far: the previous pass
+            self._pass_marks.append(mark)
+            if len(self._pass_marks) > 2:
+                self._pass_marks.popleft()
+            if len(self._pass_marks) == 2:
+                self._pass_marks[0].synchronize()  # the pass before the previous one is done
         with self._lock:
             stop, switch = self._stop, self._pending is not None
         if stop:
