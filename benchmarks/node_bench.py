@@ -163,9 +163,15 @@ def write_models(folder: Path, cfg, device: torch.device, dtype: torch.dtype, ti
 
 
 def load_pack(dirs: dict):
-    from conftest import load_pack as load
+    """Import the repository as the ComfyUI pack ``rf_pack``, as ComfyUI imports a custom node folder."""
+    import importlib.util
 
-    pack = load()
+    spec = importlib.util.spec_from_file_location(
+        "rf_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["rf_pack"] = pack
+    spec.loader.exec_module(pack)
     for name, path in dirs.items():
         pack.nodes.comfy.set_fallback_folders(name, [path])
     return pack
@@ -225,7 +231,7 @@ def engine_row(dit, decoder_module, kind: str, latent_frames: int, hw, device, m
         "fps": round(r["video_frames"] / r["total"], 2),
         "video_frames": r["video_frames"],
         "ttff_s": round(r["ttff"], 3),
-        "chunk_p50_ms": round(1000 * statistics.median(r["chunk"][1:]), 1),
+        "chunk_p50_ms": round(1000 * statistics.median(r["chunk"][1:] or r["chunk"]), 1),
         "peak_gib": peak_gib(minus),
     }
 
