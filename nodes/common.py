@@ -125,3 +125,12 @@ def recache_widget(event: str) -> tuple:
 
 def fps_widget(tooltip: str) -> tuple:
     return ("FLOAT", {"default": WAN_FPS, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": tooltip})
+
+
+def has_triton() -> bool:
+    """torch.compile's GPU backend needs Triton (often missing on Windows installs)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -117,8 +117,12 @@ class RFDecoder:
     def new_stream(self):
         from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
 
-        stream_cls = WanStreamDecoder if self.kind == "wan" else TAEHVStreamDecoder
-        return _AcquiringStream(self, stream_cls(self.managed.module))
+        if self.kind == "wan":
+            # One latent frame per decoder pass: the same frames at a third of the activation memory.
+            stream = WanStreamDecoder(self.managed.module, latents_per_step=1)
+        else:
+            stream = TAEHVStreamDecoder(self.managed.module)
+        return _AcquiringStream(self, stream)
 
     @property
     def identity(self) -> tuple:

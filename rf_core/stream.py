@@ -106,6 +106,7 @@ class StreamSession:
         self._cross: list | None = None
         self._cross_stale = True
         self._deferred: tuple[torch.Tensor, tuple[int, int]] | None = None
+        self._recache_due = False
         self.set_prompt(prompt_embeds)
         self.reset(seed)
 
@@ -116,6 +117,7 @@ class StreamSession:
             self.seed = seed
         self.cache.reset()
         self._deferred = None
+        self._recache_due = False
         gen_device = self.device if self.device.type != "meta" else "cpu"
         self.generators = [torch.Generator(gen_device).manual_seed(self.seed + i) for i in range(self.batch)]
         self._chunk_rng: list[torch.Tensor] | None = None
@@ -141,8 +143,13 @@ class StreamSession:
 
     def set_prompt(self, prompt_embeds: torch.Tensor, recache: bool = False) -> None:
         """Switch the prompt for the next chunk. The cross-attention cache is rebuilt. With
-        ``recache`` (LongLive-style), the clean frames still in the window (not the sink, which may
-        be a blend) are run again under the new prompt at t = 0 so their keys follow the new prompt."""
+        ``recache`` (LongLive-style), the clean frames the next chunk attends to in its window (not the
+        sink, which may be a blend) are run again under the new prompt at t = 0 so their keys follow
+        the new prompt. The re-cache pass runs at the start of the next chunk, after that chunk's
+        eviction: frames about to leave the window are not re-run, in the default configuration the
+        pass has the shape of a chunk (so compiled models and CUDA graphs reuse theirs), and a chunk
+        abandoned part-way for a switch leaves the session exactly as a switch between chunks would.
+        The latest call decides whether the re-cache runs."""
         cfg = self.model.cfg
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
             raise ValueError(
@@ -159,8 +166,7 @@ class StreamSession:
         self.flush()  # the pending refresh belongs to the old prompt
         self._prompt = prompt_embeds.to(self.device, self.dtype).expand(self.batch, -1, -1)
         self._cross_stale = True
-        if recache:
-            self._recache()
+        self._recache_due = recache
 
     def _cross_kv(self) -> list:
         if torch.is_grad_enabled():
@@ -213,6 +219,8 @@ class StreamSession:
 
     @torch.no_grad()
     def _recache(self) -> None:
+        """Re-run the committed window frames after the sink under the current prompt (called once the
+        next chunk's slot is reserved, i.e. after its eviction)."""
         c = self.cache
         if c.frames <= c.sink:
             return
@@ -221,7 +229,10 @@ class StreamSession:
         if any(i is None or i not in lat for i in ids):
             return  # nothing re-cacheable (e.g. frames were never kept)
         x = torch.stack([lat[i] for i in ids], dim=1)
-        self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False, eager=True)
+        # A window of another length than a chunk is a one-off shape: run a compiled model eagerly
+        # rather than compile it mid-stream.
+        eager = x.shape[1] != self.config.chunk_frames
+        self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False, eager=eager)
 
     def denoise_chunk(
         self,
@@ -242,6 +253,9 @@ class StreamSession:
             for g, s in zip(self.generators, self._chunk_rng):
                 g.set_state(s)
         slot = self.cache.begin_chunk(n)
+        if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
+            self._recache()
+            self._recache_due = False
         x = self._noise(n) if noise is None else noise.to(self.device, self.dtype)
         if x.shape != (self.batch, n, self.model.cfg.in_dim, *self.latent_hw):
             raise ValueError(

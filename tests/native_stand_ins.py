@@ -87,6 +87,11 @@ class _FirstStage(nn.Module):
         super().__init__()
         self.conv2 = vae.conv2
         self.decoder = _DecoderLikeComfy(vae.decoder)
+        self._wan = [vae]  # in a list: not a submodule, so parameters are not listed twice
+
+    def state_dict(self, *args, **kwargs):
+        """Under the checkpoint's key names, as ComfyUI's Wan VAE module has them."""
+        return self._wan[0].state_dict(*args, **kwargs)
 
 
 class FakeWanVAE:

@@ -55,10 +55,7 @@ def reference_latents(n_chunks, switch_before=None, text="a dog", recache=True):
     return out
 
 
-def test_switch_requested_mid_chunk_applies_from_the_next_chunk():
-    rec = Recorder()
-    spy = SpyDecoder(taehv_decoder())
-    loop = make_loop(rec, spy, max_chunks=3)
+def request_during_chunk_1(loop):
     passes = {"n": 0}
 
     def on_pass(i, n):  # the request arrives during chunk 1 (after its first model pass)
@@ -67,17 +64,61 @@ def test_switch_requested_mid_chunk_applies_from_the_next_chunk():
             loop.request_prompt("a dog", recache=True)
 
     loop.session.on_pass = on_pass
+    return passes
+
+
+def test_switch_requested_mid_chunk_abandons_that_chunk_and_redoes_it_under_the_new_prompt():
+    rec = Recorder()
+    spy = SpyDecoder(taehv_decoder())
+    loop = make_loop(rec, spy, max_chunks=3)
+    passes = request_during_chunk_1(loop)
     result = loop.run()
 
     assert result.chunks == 3
-    plain = reference_latents(3)
+    # chunk 1 was abandoned after one pass: 2 passes of chunk 0, 1 abandoned, then 2 + 2
+    assert passes["n"] == 2 + 1 + 2 + 2
+    switched = reference_latents(3, switch_before=1, text="a dog", recache=True)
+    assert not torch.allclose(reference_latents(3)[1], switched[1])  # the switch is visible in chunk 1
+    for got, want in zip(spy.latents, switched):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [c.prompt_version for c in rec.chunks] == [0, 1, 1]
+    assert [c.switch_latency is not None for c in rec.chunks] == [False, True, False]
+    assert loop.status()["prompt"] == "a dog"
+
+
+def test_without_abandoning_a_switch_applies_from_the_next_chunk():
+    rec = Recorder()
+    spy = SpyDecoder(taehv_decoder())
+    loop = make_loop(rec, spy, max_chunks=3, abandon_on_switch=False)
+    request_during_chunk_1(loop)
+    loop.run()
     switched = reference_latents(3, switch_before=2, text="a dog", recache=True)
-    assert not torch.allclose(plain[2], switched[2])  # the switch is visible in chunk 2
     for got, want in zip(spy.latents, switched):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert [c.prompt_version for c in rec.chunks] == [0, 0, 1]
-    assert [c.switch_latency is not None for c in rec.chunks] == [False, False, True]
-    assert loop.status()["prompt"] == "a dog"
+
+
+def test_overlapped_handover_gives_the_same_chunks_in_order_and_keeps_finished_ones_on_stop():
+    """With ``overlap`` chunk c is handed over once chunk c + 1 is made (at once for the first chunk
+    and for the first under a new prompt); the chunks themselves do not change."""
+    rec, plain_rec = Recorder(), Recorder()
+    spy = SpyDecoder(taehv_decoder())
+    make_loop(plain_rec, max_chunks=5).run()
+    loop = make_loop(rec, spy, max_chunks=5, overlap=True)
+    handed = []
+    loop.on_chunk = lambda c: (handed.append((c.index, len(spy.latents))), rec.on_chunk(c))
+    loop.run()
+    assert [c.index for c in rec.chunks] == list(range(5))
+    for a, b in zip(rec.chunks, plain_rec.chunks):
+        assert torch.equal(a.frames, b.frames) and a.first_frame == b.first_frame
+    # chunk 0 at once; chunk c (1..3) once chunk c + 1 was decoded too; the last at the end
+    assert handed == [(0, 1), (1, 3), (2, 4), (3, 5), (4, 5)]
+
+    stop_rec = Recorder()
+    stopping = make_loop(stop_rec, max_chunks=50, overlap=True)
+    stop_rec.hooks[1] = stopping.stop  # chunk 2 is made (in flight) when chunk 1 is handed over
+    result = stopping.run()
+    assert result.stopped_by == "stop" and [c.index for c in stop_rec.chunks] == [0, 1, 2]
 
 
 def test_recache_option_is_passed_to_the_engine():

@@ -496,6 +496,30 @@ def test_decode_node_matches_whole_video_decode(nodes, rf_model_dir):
         nodes.stream.decode.RewardForcingDecode().decode(latent)
 
 
+def test_comfy_vae_on_a_fast_device_decodes_with_our_fast_decoder_and_the_same_frames(
+    nodes, rf_model_dir, monkeypatch
+):
+    """Where our compiled decoder runs (CUDA with Triton), a connected ComfyUI VAE is decoded by it, with
+    a copy of that VAE's weights; the frames equal ComfyUI's own decoder's within float rounding."""
+    decoders = nodes.stream.decoders
+    vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
+    args = {**GEN, "length": 24}
+    reference = nodes.stream.generate.RewardForcingStreamGenerate().generate(
+        load_model(nodes), cond(), vae=vae, **args
+    )
+    monkeypatch.setattr(decoders, "fast_decoding_available", lambda device: True)
+    stream, _ = decoders.decoder_stream(vae)
+    assert stream.stream.vae.decoder.fast_path is not None  # ours, made fast, not ComfyUI's decoder
+    fast = nodes.stream.generate.RewardForcingStreamGenerate().generate(
+        load_model(nodes), cond(), vae=vae, **args
+    )
+    torch.testing.assert_close(
+        fast["result"][0]["samples"], reference["result"][0]["samples"], rtol=0, atol=0
+    )
+    assert fast["result"][1].shape == reference["result"][1].shape == (21, 32, 32, 3)
+    torch.testing.assert_close(fast["result"][1], reference["result"][1], rtol=0, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------- files
 def test_prompt_embeddings_round_trip(nodes, rf_model_dir):
     save = nodes.prompts.embeddings.RewardForcingSavePromptEmbeddings()

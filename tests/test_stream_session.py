@@ -98,19 +98,118 @@ def test_prompt_switch(model):
     assert (c - fresh).abs().max() > 1e-3
 
 
-def test_recache_rewrites_window_not_sink(model):
+def test_recache_runs_after_the_next_eviction_over_the_window_that_chunk_sees(model):
     p1, p2 = random_prompt(seed=1), random_prompt(seed=2)
     s = StreamSession(model, p1, HW, seed=4)
-    for _ in range(4):
-        s.next_chunk()
+    kept = torch.cat([s.next_chunk() for _ in range(4)], dim=1)  # 12 frames: 0-2 sink, 3-11 streamed
     s.flush()
-    t = s.cache.frame_tokens
     before = s.cache.k.clone()
     s.set_prompt(p2, recache=True)
-    assert torch.equal(s.cache.k[:, :, : 3 * t], before[:, :, : 3 * t])
-    assert (s.cache.k[:, :, 3 * t :] - before[:, :, 3 * t :]).abs().max() > 1e-3
+    assert torch.equal(s.cache.k, before)  # nothing runs until the next chunk
+
+    passes = []
+    original = s._pass
+    s._pass = lambda x, t, slot, **kw: (passes.append((x.clone(), t, slot, kw)), original(x, t, slot, **kw))[
+        1
+    ]
+    s.next_chunk()
+    x, t, slot, kw = passes[0]
+    # window 9 = 3 sink + 6 committed; the new chunk evicted 3, so frames 9-11 stay beside the sink
+    assert slot == (3, 6) and t == 0.0 and kw == {"need_output": False, "eager": False}
+    torch.testing.assert_close(x, kept[:, 9:12], rtol=0, atol=0)
+    assert len(passes) == 1 + 4  # the re-cache, then the chunk's 4 denoising passes
+
+    # the same stream without re-cache: the sink is the same, the re-cached window is not
+    ref = StreamSession(model, p1, HW, seed=4)
+    for _ in range(4):
+        ref.next_chunk()
+    ref.set_prompt(p2)
+    ref.next_chunk()
+    tok = s.cache.frame_tokens
+    assert torch.equal(s.cache.k[:, :, : 3 * tok], ref.cache.k[:, :, : 3 * tok])
+    assert (s.cache.k[:, :, 3 * tok : 6 * tok] - ref.cache.k[:, :, 3 * tok : 6 * tok]).abs().max() > 1e-3
     # block 0's keys depend only on the frames themselves, so re-caching leaves them unchanged
-    assert torch.allclose(s.cache.k[0], before[0], atol=1e-5)
+    torch.testing.assert_close(s.cache.k[0, :, : 6 * tok], ref.cache.k[0, :, : 6 * tok], rtol=0, atol=1e-5)
+
+
+class _Abandon(Exception):
+    pass
+
+
+def _cache_state(s: StreamSession) -> tuple:
+    c = s.cache
+    return (c.k.clone(), c.v.clone(), list(c.frame_ids), c.frames, c.next_frame, c.evicted_total, c.pending)
+
+
+@pytest.mark.parametrize("policy", ["ema", "static", "none"])
+@pytest.mark.parametrize("abandon_at", [1, 3])
+def test_switch_that_abandons_a_chunk_equals_a_switch_between_chunks(model, policy, abandon_at):
+    """A prompt switch may abandon the chunk in flight (live mode): afterwards the session must be exactly
+    what a switch before that chunk would have given, caches and noise included."""
+    p1, p2 = random_prompt(seed=1), random_prompt(seed=2)
+    config = StreamConfig(sink_policy=policy)
+
+    between = StreamSession(model, p1, HW, config, seed=7)
+    for _ in range(4):
+        between.next_chunk()
+    between.set_prompt(p2, recache=True)
+    expected = [between.next_chunk() for _ in range(2)]
+    between.flush()
+
+    abandoned = StreamSession(model, p1, HW, config, seed=7)
+    for _ in range(4):
+        abandoned.next_chunk()
+    calls = {"n": 0}
+
+    def switch_requested():
+        calls["n"] += 1
+        if calls["n"] == 1 + abandon_at:  # the first pass is the deferred refresh of chunk 4
+            raise _Abandon
+
+    abandoned.interrupt = switch_requested
+    with pytest.raises(_Abandon):
+        abandoned.next_chunk()
+    abandoned.interrupt = None
+    abandoned.set_prompt(p2, recache=True)
+    got = [abandoned.next_chunk() for _ in range(2)]
+    abandoned.flush()
+
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    for a, b in zip(_cache_state(abandoned), _cache_state(between)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    for ga, gb in zip(abandoned.generators, between.generators):
+        assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_second_switch_abandoning_the_re_cache_equals_one_switch(model):
+    """A newer prompt arriving during the re-cache itself: the window is re-cached again under it."""
+    p1, p2, p3 = (random_prompt(seed=i) for i in (1, 2, 3))
+    once = StreamSession(model, p1, HW, seed=2)
+    for _ in range(4):
+        once.next_chunk()
+    once.set_prompt(p3, recache=True)
+    expected = once.next_chunk()
+
+    twice = StreamSession(model, p1, HW, seed=2)
+    for _ in range(4):
+        twice.next_chunk()
+    twice.set_prompt(p2, recache=True)
+    calls = {"n": 0}
+
+    def switch_requested():
+        calls["n"] += 1
+        if calls["n"] == 3:  # refresh of chunk 4 (already run by set_prompt: not counted), re-cache, pass 1
+            raise _Abandon
+
+    twice.interrupt = switch_requested
+    with pytest.raises(_Abandon):
+        twice.next_chunk()
+    twice.interrupt = None
+    twice.set_prompt(p3, recache=True)
+    assert torch.equal(twice.next_chunk(), expected)
+    for a, b in zip(_cache_state(twice), _cache_state(once)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,18 @@ frame sender and the video writer, tests inject their own. Control calls (``requ
 while ``run`` executes on the prompt worker thread, so every piece of shared state sits behind one
 lock; the loop only reads it between chunks and before each model pass.
 
-Timing of a prompt switch: a request that arrives while chunk k is being generated is applied
-before chunk k + 1 (encode, then ``StreamSession.set_prompt`` with the re-cache option), so chunk
-k + 1 is the first one generated under the new prompt. The switch latency reported with that chunk
-runs from the request to the moment its frames are decoded.
+Timing of a prompt switch: a request that arrives while chunk k is being generated abandons chunk
+k at its next model pass (``abandon_on_switch``, the default), then the prompt is applied (encode,
+then ``StreamSession.set_prompt`` with the re-cache option) and chunk k is generated again under it.
+``StreamSession`` guarantees that the session afterwards is exactly what a switch before chunk k
+would have given. The switch latency reported with the first chunk under the new prompt runs from
+the request to the moment its frames are on the host.
+
+Throughput (``overlap``, on by default on CUDA): chunk c is decoded on a side CUDA stream while the
+DiT makes chunk c + 1 (``rf_core.pipeline.AsyncDecoder``), and its frames reach the page, the
+recording and the kept images while the GPU works on. The first chunk and the first chunk under a
+new prompt are handed over at once, so the time to first frame and the switch latency don't wait
+for the next chunk. The recording is written on its own thread (``rf_core.io.writer_thread``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from rf_core.io.video import frames_to_uint8
+from rf_core.pipeline import AsyncDecoder
 from rf_core.stream import StreamSession
 
 log = logging.getLogger("reward_forcing")
@@ -40,6 +48,10 @@ class _StopRequested(Exception):
     """Raised from the engine's per-pass hook to abandon the chunk in progress when Stop is pressed."""
 
 
+class _SwitchRequested(Exception):
+    """Raised from the engine's per-pass hook to abandon the chunk in progress for a new prompt."""
+
+
 @dataclass(frozen=True)
 class LiveChunk:
     """One decoded chunk on its way to the page.
@@ -47,7 +59,7 @@ class LiveChunk:
     frames: uint8 [F, H, W, 3] on the CPU (the first sample of the batch).
     first_frame: index of ``frames[0]`` in the run.
     prompt_version: 0 for the node's prompt, then 1, 2, ... for each switch requested.
-    seconds: wall time spent generating and decoding this chunk.
+    seconds: wall time since the previous chunk was handed over (the first: since the run started).
     switch_latency: for the first chunk under a new prompt, seconds from the request to its frames.
     """
 
@@ -109,6 +121,9 @@ class LiveLoop:
             ``ahead_seconds`` ahead of real time, so the page's buffer and the delay of a prompt
             switch stay short when the GPU is faster than the stream's fps. A stream that falls
             behind never bursts to catch up. Off: as fast as possible (benchmarks).
+        overlap: decode chunk c while the DiT makes chunk c + 1 (default: on CUDA).
+        abandon_on_switch: a prompt request abandons the chunk in flight at its next model pass
+            instead of waiting for it to finish.
     """
 
     def __init__(
@@ -131,6 +146,8 @@ class LiveLoop:
         node_id: str | None = None,
         realtime: bool = False,
         ahead_seconds: float = 1.0,
+        overlap: bool | None = None,
+        abandon_on_switch: bool = True,
     ) -> None:
         if max_chunks < 1:
             raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
@@ -152,8 +169,15 @@ class LiveLoop:
         self.node_id = node_id
         self.realtime = realtime
         self.ahead_seconds = ahead_seconds
+        self.overlap = session.device.type == "cuda" if overlap is None else overlap
+        self.abandon_on_switch = abandon_on_switch
         self._pace_origin: float | None = None  # wall time at which frame 0 counts as shown
-        session.interrupt = self._check  # Stop and Cancel act before every model pass
+        session.interrupt = self._check  # Stop, Cancel and prompt switches act before every model pass
+        self._generating = False  # a chunk of the engine is in progress (switches may abandon it)
+        self._pipe: AsyncDecoder | None = None
+        self._in_flight: deque[tuple[float | None, int]] = deque()  # (switch requested at, version)
+        self._submitted = 0
+        self._last_handover: float | None = None
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -238,34 +262,46 @@ class LiveLoop:
     # ------------------------------------------------------------------ the loop (worker thread)
     def run(self) -> LiveResult:
         """Generate until Stop, Cancel (the ``interrupt`` exception propagates) or the length cap.
-        The writer is closed in every case, so the recording is a finished file."""
+        Chunks the engine finished are always handed over; the writer is closed in every case, so
+        the recording is a finished file."""
         stopped_by = "length"
         self._emit_state()
+        self._pipe = AsyncDecoder(self.decoder, self.session.device, torch.uint8)
+        self._last_handover = self.clock()
         try:
-            while self._chunks < self.max_chunks:
+            while self._submitted < self.max_chunks:
                 if not self._wait_until_due():
                     stopped_by = "stop"
                     break
                 switch_at = self._apply_pending_prompt()
                 try:
-                    self._one_chunk(switch_at)
+                    self._generate(switch_at)
+                except _SwitchRequested:
+                    continue  # the newer prompt is applied and the chunk generated again under it
                 except _StopRequested:
                     stopped_by = "stop"
                     break
-            else:
-                stopped_by = "length"
+            self._hand_over(keep=0)
             if self._stop_requested():
                 stopped_by = "stop"
         except BaseException:
             stopped_by = "cancel"
             raise
         finally:
-            self._finish(stopped_by)
+            try:
+                if self._pipe.pending and stopped_by == "cancel":
+                    self._hand_over(keep=0)  # finished chunks still reach the recording
+            finally:
+                self._finish(stopped_by)
         return LiveResult(self._chunks, self._frames, stopped_by, self._kept_images())
 
     def _check(self) -> None:
-        if self._stop_requested():
+        with self._lock:
+            stop, switch = self._stop, self._pending is not None
+        if stop:
             raise _StopRequested
+        if switch and self._generating and self.abandon_on_switch:
+            raise _SwitchRequested
         if self.interrupt is not None:
             self.interrupt()
 
@@ -293,9 +329,10 @@ class LiveLoop:
             return 0.0
         now = self.clock()
         # The page cannot show more than was generated: after a stall (slow GPU, pause) playback
-        # counts from now, so the stream never bursts to catch up.
-        self._pace_origin = max(self._pace_origin, now - self._frames / self.fps)
-        return self._frames / self.fps - (now - self._pace_origin) - self.ahead_seconds
+        # counts from now, so the stream never bursts to catch up. Chunks still decoding count as made.
+        made = self._frames + len(self._in_flight) * 4 * self.session.config.chunk_frames
+        self._pace_origin = max(self._pace_origin, now - made / self.fps)
+        return made / self.fps - (now - self._pace_origin) - self.ahead_seconds
 
     def _apply_pending_prompt(self) -> float | None:
         """Switch to the newest requested prompt, if any; returns when it was requested."""
@@ -321,27 +358,44 @@ class LiveLoop:
             self._error = None
         return requested_at
 
-    def _one_chunk(self, switch_at: float | None) -> None:
-        start = self.clock()
-        z = self.session.next_chunk()
-        rgb = self.decoder.decode_chunk(z)  # [B, F, 3, H, W] in [0, 1]
-        frames = torch.from_numpy(frames_to_uint8(rgb[0], layout="fchw"))
-        now = self.clock()
-        latency = None if switch_at is None else now - switch_at
+    def _generate(self, switch_at: float | None) -> None:
+        """One chunk through the engine and into the decoder; hands over what is due."""
+        self._generating = True
+        try:
+            z = self.session.next_chunk()
+        finally:
+            self._generating = False
         with self._lock:
-            index, first = self._chunks, self._frames
-            self._chunks += 1
-            self._frames += frames.shape[0]
-            self._last_seconds = now - start
-            if latency is not None:
-                self._last_switch_latency = latency
-            if self._pace_origin is None:
-                self._pace_origin = now
             version = self._prompt_version
-        if self.writer is not None:
-            self.writer.write(frames)
-        self._keep(frames)
-        self.on_chunk(LiveChunk(self.session_id, index, first, frames, version, now - start, latency))
+        self._pipe.submit(z)
+        self._in_flight.append((switch_at, version))
+        self._submitted += 1
+        # The first chunk and the first under a new prompt at once; others once the next is under way.
+        now = switch_at is not None or self._submitted == 1 or not self.overlap
+        self._hand_over(keep=0 if now else 1)
+
+    def _hand_over(self, keep: int) -> None:
+        """Hand over decoded chunks, oldest first, until ``keep`` remain in flight."""
+        while len(self._in_flight) > keep:
+            switch_at, version = self._in_flight.popleft()
+            frames = self._pipe.pop().frames[0]  # uint8 [F, H, W, 3], the first sample of the batch
+            now = self.clock()
+            latency = None if switch_at is None else now - switch_at
+            with self._lock:
+                index, first = self._chunks, self._frames
+                self._chunks += 1
+                self._frames += frames.shape[0]
+                seconds = now - self._last_handover
+                self._last_seconds = seconds
+                if latency is not None:
+                    self._last_switch_latency = latency
+                if self._pace_origin is None:
+                    self._pace_origin = now
+            self._last_handover = now
+            if self.writer is not None:
+                self.writer.write(frames)
+            self._keep(frames)
+            self.on_chunk(LiveChunk(self.session_id, index, first, frames, version, seconds, latency))
 
     def _keep(self, frames: torch.Tensor) -> None:
         if self.keep_frames == 0:

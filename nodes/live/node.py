@@ -276,7 +276,7 @@ class LiveRun:
             encode,
             on_chunk,
             on_event=on_event,
-            writer=files.writers[0],
+            writer=files.queued[0],
             prompt=prompt,
             max_chunks=max_chunks,
             recache=recache,

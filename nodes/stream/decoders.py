@@ -4,6 +4,11 @@ ComfyUI's ``VAE.decode`` restarts the Wan VAE's causal cache on every call, so d
 by one would lose 3 frames per boundary and flicker. ``ComfyVAEStream`` keeps one feature cache per
 stream and feeds the decoder latent frame by latent frame, as ``WanVAE.decode`` does inside a
 single call, which gives exactly the frames of a whole-video decode.
+
+On CUDA with Triton a ComfyUI Wan VAE is decoded by our fast decoder instead (``WanVAE.make_fast``:
+compiled, sub-pixel upsampling), built once from a copy of that VAE's decoder weights and placed by
+ComfyUI's memory manager like a Load Decoder file: ComfyUI's own decoder runs eagerly at about half
+the speed (docs/benchmarks.md). Same weights, same frames within bf16 rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import torch
 from rf_core.vae.latent_format import LATENT_CHANNELS, to_comfy_latent
 
 from .. import comfy
-from ..model_handle import RFDecoder
+from ..common import has_triton
+from ..model_handle import Managed, RFDecoder
 
 
 class ComfyVAEStream:
@@ -81,9 +87,40 @@ def decoder_stream(vae=None, decoder: RFDecoder | None = None):
             )
         return decoder.new_stream(), decoder.identity
     if vae is not None:
-        stream = ComfyVAEStream(vae)
-        return stream, ("comfy", _fingerprint(vae.first_stage_model))
+        stream = ComfyVAEStream(vae)  # checks that it is a Wan 2.1 VAE
+        identity = ("comfy", _fingerprint(vae.first_stage_model))
+        fast = _fast_decoder_for(vae, identity)
+        return (stream if fast is None else fast.new_stream()), identity
     return None, None
+
+
+_FAST_FROM_COMFY: dict[tuple, RFDecoder] = {}  # the latest ComfyUI VAE's fast decoder, by fingerprint
+
+
+def _fast_decoder_for(vae, identity: tuple) -> RFDecoder | None:
+    """Our fast Wan decoder with the weights of ComfyUI's ``vae`` (CUDA with Triton only), else None."""
+    device = getattr(vae, "device", None)
+    if device is None or not fast_decoding_available(torch.device(device)):
+        return None
+    key = (identity, getattr(vae, "vae_dtype", None))
+    handle = _FAST_FROM_COMFY.get(key)
+    if handle is None:
+        from rf_core.vae.wan_vae import WanVAE, infer_wan_vae_config, wan_vae_from_state_dict
+
+        state = vae.first_stage_model.state_dict()
+        with torch.device("meta"):
+            needed = WanVAE(infer_wan_vae_config(state, "ComfyUI VAE")).state_dict().keys()
+        dtype = vae.vae_dtype
+        offload = comfy.module("comfy.model_management")
+        home = offload.vae_offload_device() if offload is not None else device
+        copies = {k: state[k].detach().to(home, dtype, copy=True) for k in needed}
+        module = wan_vae_from_state_dict(copies, source="ComfyUI VAE")
+        module.make_fast(compile=torch.device(device).type == "cuda")
+        handle = RFDecoder(Managed.wrap(module, offload is not None, vae=True), "wan", "ComfyUI VAE", key)
+        _FAST_FROM_COMFY.clear()  # one at a time: a VAE with other weights replaces the last one
+        _FAST_FROM_COMFY[key] = handle
+    return handle
+
 
 
 def _fingerprint(module: torch.nn.Module) -> tuple:
@@ -92,3 +129,8 @@ def _fingerprint(module: torch.nn.Module) -> tuple:
     params = list(module.parameters())
     picks = (params[0], params[len(params) // 2], params[-1])
     return (len(params), *(tuple(p.detach().flatten()[:4].float().cpu().tolist()) for p in picks))
+
+
+def fast_decoding_available(device: torch.device) -> bool:
+    """Our compiled decoder beats ComfyUI's eager one only where torch.compile has its GPU backend."""
+    return device.type == "cuda" and has_triton()

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from rf_core.io.video import round_to_uint8
+from rf_core.pipeline import AsyncDecoder
 from rf_core.stream import StreamSession
 
 from ..comfy import Progress
@@ -64,23 +66,65 @@ class StreamRecord:
 
     def advance(self, n_chunks: int, progress: Progress | None = None, sink: FrameSink | None = None) -> None:
         """Generate ``n_chunks`` more chunks, decode each as it arrives and hand its frames to ``sink``.
-        ``progress`` counts model passes from 0 to n_chunks * passes_per_chunk."""
+        ``progress`` counts model passes from 0 to n_chunks * passes_per_chunk.
+
+        On CUDA chunk c is decoded on a side stream while the DiT makes chunk c + 1, and its frames,
+        the preview and ``sink`` are handled on the host while the GPU works on; the first chunk is
+        handled at once (its preview is the first thing the user sees). Cancel keeps every chunk the
+        engine finished: chunks still decoding are waited for."""
         per = self.passes_per_chunk()
-        for i in range(n_chunks):
+        self.decode_pending(sink)
+        pipe = AsyncDecoder(self.decoder, self.stream.device, self.frame_dtype, keep_latents=True)
+        shown = 0  # progress only moves forward: passes of chunk c + 1 are reported before chunk c is taken
+
+        def report(value: int, preview: torch.Tensor | None = None) -> None:
+            nonlocal shown
+            shown = max(shown, value)
             if progress is not None:
-                self.stream.on_pass = lambda p, _n, i=i: progress.update(i * per + p + 1)
-            if self.prepare is not None:
-                self.prepare()
-            z = self.stream.next_chunk()
-            self.latents.append(z.detach().to("cpu", torch.float32))
-            new = self.decode_pending(sink)
-            if progress is not None:
-                if new is not None:
-                    preview = new[0, -1]
-                else:
-                    preview = latent_rgb(self.latents[-1][:, -1:])[0, 0].permute(1, 2, 0)
-                progress.update((i + 1) * per, preview)
-        self.stream.on_pass = None
+                progress.update(shown, preview)
+
+        def take(deliver: bool = True) -> None:
+            chunk = pipe.pop()
+            self.latents.append(chunk.latents)
+            if chunk.frames is not None:
+                self.frames.append(_store(chunk.frames, self.frame_dtype))
+                self.frame_chunks.append(chunk.frames.shape[1])
+            if deliver:
+                if sink is not None and chunk.frames is not None:
+                    sink(chunk.frames)
+                report(len(self.latents) * per - first * per, self._preview(chunk))
+
+        first = len(self.latents)
+        try:
+            for i in range(n_chunks):
+                self.stream.on_pass = lambda p, _n, i=i: report(i * per + p + 1)
+                if self.prepare is not None:
+                    self.prepare()
+                z = self.stream.next_chunk()
+                try:
+                    pipe.submit(z)
+                except BaseException:
+                    while pipe.pending:
+                        take(deliver=False)
+                    self.latents.append(z.detach().to("cpu", torch.float32))
+                    self.set_decoder(self.decoder)  # decoder state is unknown now: decode again later
+                    raise
+                if i == 0 or len(pipe.pending) > 1:
+                    take()
+            while pipe.pending:
+                take()
+        except BaseException:
+            while pipe.pending:  # chunks the engine finished stay in the record
+                take(deliver=False)
+            raise
+        finally:
+            self.stream.on_pass = None
+
+    def _preview(self, chunk) -> torch.Tensor:
+        if chunk.frames is not None:
+            frame = chunk.frames[0, -1]
+            return frame.float() / 255.0 if frame.dtype == torch.uint8 else frame
+        return latent_rgb(chunk.latents[:, -1:])[0, 0].permute(1, 2, 0)
 
     def decode_pending(self, sink: FrameSink | None = None) -> torch.Tensor | None:
         """Decode stored chunks that have no frames yet; returns the last chunk's frames [B, F, H, W, 3]."""
@@ -133,5 +177,5 @@ class StreamRecord:
 
 def _store(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.uint8:
-        return torch.floor(frames.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        return frames if frames.dtype == torch.uint8 else round_to_uint8(frames)
     return frames.to(dtype)
