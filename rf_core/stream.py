@@ -234,6 +234,14 @@ class StreamSession:
         eager = x.shape[1] != self.config.chunk_frames
         self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False, eager=eager)
 
+    def _begin_chunk(self, n: int) -> tuple[int, int]:
+        """Reserve the next chunk's slot (evicting), then run a re-cache that ``set_prompt`` left due."""
+        slot = self.cache.begin_chunk(n)
+        if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
+            self._recache()
+            self._recache_due = False
+        return slot
+
     def denoise_chunk(
         self,
         noise: torch.Tensor | None = None,
@@ -252,10 +260,7 @@ class StreamSession:
         else:  # retrying a cancelled chunk: replay its noise
             for g, s in zip(self.generators, self._chunk_rng):
                 g.set_state(s)
-        slot = self.cache.begin_chunk(n)
-        if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
-            self._recache()
-            self._recache_due = False
+        slot = self._begin_chunk(n)
         x = self._noise(n) if noise is None else noise.to(self.device, self.dtype)
         if x.shape != (self.batch, n, self.model.cfg.in_dim, *self.latent_hw):
             raise ValueError(
@@ -358,10 +363,10 @@ class StreamSession:
         return total
 
     def _prefill_chunk(self, x: torch.Tensor) -> None:
-        """One known chunk: eviction, context pass and commit (``finish_chunk``), then the noise
-        draws of ``denoise_chunk`` (one per denoising step, same shape), drawn and dropped so that
-        the generators end where generating the chunk leaves them."""
+        """One known chunk: eviction (and a due re-cache), context pass and commit (``finish_chunk``),
+        then the noise draws of ``denoise_chunk`` (one per denoising step, same shape), drawn and
+        dropped so that the generators end where generating the chunk leaves them."""
         n = x.shape[1]
-        self.finish_chunk(x, self.cache.begin_chunk(n))
+        self.finish_chunk(x, self._begin_chunk(n))
         for _ in self.timesteps:
             self._noise(n)

@@ -94,6 +94,25 @@ def test_prefilled_session_continues_the_stream_exactly(model, prompt, cfg, n_ch
         assert after_k["counters"][2] > 0  # the prefix evicted frames
 
 
+def test_prompt_switch_with_re_cache_around_a_prefill(model, prompt):
+    """A re-cache that set_prompt leaves due runs after the next chunk's eviction whether that chunk is
+    generated or prefilled; a prefilled prefix followed by a switch continues as the stream did."""
+    p2 = random_prompt(seed=33, tokens=5)
+    stream = StreamSession(model, prompt, HW, seed=6)
+    chunks = [stream.next_chunk() for _ in range(4)]
+    stream.set_prompt(p2, recache=True)
+    chunks.append(stream.next_chunk())
+    chunks.append(stream.next_chunk())
+    final = snapshot(stream)
+
+    switched_then_prefilled = StreamSession(model, prompt, HW, seed=6)
+    switched_then_prefilled.prefill(torch.cat(chunks[:4], dim=1))
+    switched_then_prefilled.set_prompt(p2, recache=True)
+    switched_then_prefilled.prefill(chunks[4])
+    assert torch.equal(switched_then_prefilled.next_chunk(), chunks[5])
+    assert_same_state(snapshot(switched_then_prefilled), final)
+
+
 def block_causal_mask(blocks: list[int], frame_tokens: int) -> torch.Tensor:
     """Frames of block a attend frames of block b iff b <= a (blocks of any length)."""
     ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks) * frame_tokens)
