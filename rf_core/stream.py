@@ -17,7 +17,7 @@ import torch
 from rf_core.config import StreamConfig
 from rf_core.graphs import PassGraphs
 from rf_core.model.dit import WanDiT
-from rf_core.model.kv_cache import SinkKVCache
+from rf_core.model.kv_cache import CacheFullError, SinkKVCache
 from rf_core.schedule import FlowSchedule
 
 
@@ -234,6 +234,14 @@ class StreamSession:
         eager = x.shape[1] != self.config.chunk_frames
         self._pass(x, self.config.context_timestep, (c.sink, c.frames), need_output=False, eager=eager)
 
+    def _begin_chunk(self, n: int) -> tuple[int, int]:
+        """Reserve the next chunk's slot (evicting), then run a re-cache that ``set_prompt`` left due."""
+        slot = self.cache.begin_chunk(n)
+        if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
+            self._recache()
+            self._recache_due = False
+        return slot
+
     def denoise_chunk(
         self,
         noise: torch.Tensor | None = None,
@@ -252,10 +260,7 @@ class StreamSession:
         else:  # retrying a cancelled chunk: replay its noise
             for g, s in zip(self.generators, self._chunk_rng):
                 g.set_state(s)
-        slot = self.cache.begin_chunk(n)
-        if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
-            self._recache()
-            self._recache_due = False
+        slot = self._begin_chunk(n)
         x = self._noise(n) if noise is None else noise.to(self.device, self.dtype)
         if x.shape != (self.batch, n, self.model.cfg.in_dim, *self.latent_hw):
             raise ValueError(
@@ -276,8 +281,10 @@ class StreamSession:
 
     @torch.no_grad()
     def finish_chunk(self, x0: torch.Tensor, slot: tuple[int, int]) -> None:
-        """Context pass on the clean chunk (writes its clean keys/values), then commit it."""
-        self._pass(x0.detach(), self.config.context_timestep, slot, need_output=False)
+        """Context pass on the clean chunk (writes its clean keys/values), then commit it. A chunk
+        shorter than ``chunk_frames`` (a prefill remainder) is a one-off shape and runs eagerly."""
+        one_off = x0.shape[1] != self.config.chunk_frames
+        self._pass(x0.detach(), self.config.context_timestep, slot, need_output=False, eager=one_off)
         first = self.cache.next_frame
         self.cache.commit()
         self._chunk_rng = None
@@ -294,3 +301,72 @@ class StreamSession:
             x0, slot = self.denoise_chunk(noise, renoise)
         self._deferred = (x0, slot)
         return x0
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, latents: torch.Tensor, on_chunk: Callable[[int, int], None] | None = None) -> None:
+        """Continue the stream from known clean latents instead of generated ones: an encoded start
+        image (1 latent frame) or video (1 + 4k frames give 1 + k latents).
+
+        ``latents``: model space, frame-major ``[B or 1, T, 16, h, w]`` (a batch of 1 serves every
+        sample). They are cut into chunks of ``chunk_frames`` from the session's current frame; each
+        chunk gets what a generated chunk gets after its denoising: the context pass at
+        ``context_timestep`` that writes its clean keys/values (with the eviction and sink update
+        before it), ``recent`` for re-caching, and the noise generators advance by the draws
+        generating it would have made. So after whole chunks the session (cache, sink, counters,
+        generators) is exactly that of a stream that generated these latents with its own noise,
+        and ``next_chunk`` continues as that stream would. A remainder of T mod ``chunk_frames``
+        frames becomes one shorter chunk (its frames see each other and everything before); the
+        stream goes on in whole chunks after it, so a start image is a 1-frame chunk.
+
+        ``on_chunk(frames prefilled, T)`` is called after every chunk. ``interrupt`` is honoured
+        before every pass; a cancelled prefill keeps the chunks it finished (``frames_done``).
+        """
+        n, total = self.config.chunk_frames, self._check_prefill(latents)
+        x = latents.to(self.device, self.dtype).expand(self.batch, -1, -1, -1, -1)
+        self.flush()
+        if self._chunk_rng is not None:  # a cancelled chunk drew part of its noise: rewind it
+            for g, s in zip(self.generators, self._chunk_rng):
+                g.set_state(s)
+        for start in range(0, total, n):
+            chunk = x[:, start : start + n].contiguous()
+            self._prefill_chunk(chunk)
+            if on_chunk is not None:
+                on_chunk(start + chunk.shape[1], total)
+
+    def _check_prefill(self, latents: torch.Tensor) -> int:
+        """Validate prefill latents before anything changes; returns their frame count."""
+        c = self.model.cfg.in_dim
+        want = f"[{self.batch} or 1, frames >= 1, {c}, {self.latent_hw[0]}, {self.latent_hw[1]}]"
+        if (
+            latents.ndim != 5
+            or latents.shape[0] not in (1, self.batch)
+            or latents.shape[1] < 1
+            or tuple(latents.shape[2:]) != (c, *self.latent_hw)
+        ):
+            raise ValueError(f"prefill latents must be {want} (model space), got {list(latents.shape)}")
+        if not latents.is_floating_point() or not torch.isfinite(latents).all():
+            raise ValueError("prefill latents must be finite floating-point values")
+        total = latents.shape[1]
+        first = min(total, self.config.chunk_frames)
+        if self.cache.pending is not None and self.cache.pending != first:
+            raise ValueError(
+                f"a cancelled chunk of {self.cache.pending} frames is pending; prefill cannot begin with "
+                f"a chunk of {first} frames (reset() the session, or prefill at least {self.cache.pending})"
+            )
+        held = self.cache.frames + (0 if self._deferred is None else self._deferred[0].shape[1])
+        if self.config.sink_policy == "global" and held + total > self.cache.capacity:
+            raise CacheFullError(
+                f"prefill of {total} latent frames after {held} exceeds the 'global' sink policy's "
+                f"max_frames={self.cache.capacity}; raise max_frames or use 'ema', 'static' or 'none'"
+            )
+        return total
+
+    def _prefill_chunk(self, x: torch.Tensor) -> None:
+        """One known chunk: eviction (and a due re-cache), context pass and commit (``finish_chunk``),
+        then the noise draws of ``denoise_chunk`` (one per denoising step, same shape), drawn and
+        dropped so that the generators end where generating the chunk leaves them."""
+        n = x.shape[1]
+        self.finish_chunk(x, self._begin_chunk(n))
+        for _ in self.timesteps:
+            self._noise(n)

@@ -1,12 +1,11 @@
 """Wan 2.1 VAE: checkpoint layout, decoding schedule, streaming, encoding and loading."""
 
-import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _vae_helpers import tiny_vae
+from _vae_helpers import MEAN, STD, CausalReference, rms, silu, tiny_vae
 from safetensors.torch import save_file
 
 from rf_core.io.safe_load import CheckpointError
@@ -15,13 +14,6 @@ from rf_core.vae.wan_layers import CausalConv3d, ResidualBlock, Upsample
 from rf_core.vae.wan_vae import WanVAE, WanVAEConfig, load_wan_vae, wan_vae_from_state_dict
 
 TINY = WanVAEConfig(dim=8)
-
-# Wan's latent statistics, written out again (reference-algorithm.md §4.4).
-MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]  # fmt: skip
-STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-       3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
-
 
 # ---------------------------------------------------------------- checkpoint layout (full size, meta)
 
@@ -74,64 +66,10 @@ def test_full_size_state_dict_loads_on_meta_and_shape_errors_name_the_key():
 # ---------------------------------------------------------------- decoding schedule
 
 
-def _rms(norm, x):
-    c = x.shape[1]
-    return x / x.pow(2).sum(dim=1, keepdim=True).sqrt() * math.sqrt(c) * norm.gamma
-
-
-def _silu(x):
-    return x * torch.sigmoid(x)
-
-
-class PerFrameReference:
+class PerFrameReference(CausalReference):
     """Wan's canonical decode, written independently: one decoder call per latent frame, one
     history slot per temporal conv (visited in order), zero padding in front, the last two input
     frames kept, and the temporal upsamplers skipping their very first frame."""
-
-    def __init__(self, vae: WanVAE):
-        self.vae = vae
-        self.slots: list = []
-
-    def conv(self, conv, x):
-        kt = conv.weight.shape[2]
-        pad_hw = conv.weight.shape[3] // 2
-        if kt == 1:
-            return F.conv3d(x, conv.weight, conv.bias, padding=(0, pad_hw, pad_hw))
-        i = self.next_slot()
-        past = self.slots[i]
-        frames = [x] if past is None else [past, x]
-        inp = torch.cat(frames, dim=2)
-        self.slots[i] = inp[:, :, -2:].clone()
-        zeros = (kt - 1) - (inp.shape[2] - x.shape[2])
-        inp = F.pad(inp, (0, 0, 0, 0, zeros, 0))
-        return F.conv3d(inp, conv.weight, conv.bias, padding=(0, pad_hw, pad_hw))
-
-    def next_slot(self):
-        self.idx += 1
-        if self.idx >= len(self.slots):
-            self.slots.append(None)
-        return self.idx
-
-    def residual(self, block, x):
-        n1, _, c1, n2, _, _, c2 = block.residual
-        h = self.conv(c1, _silu(_rms(n1, x)))
-        h = self.conv(c2, _silu(_rms(n2, h)))
-        short = x if isinstance(block.shortcut, torch.nn.Identity) else self.conv(block.shortcut, x)
-        return h + short
-
-    def attention(self, block, x):
-        b, c, t, h, w = x.shape
-        out = torch.empty_like(x)
-        for f in range(t):
-            frame = x[:, :, f]
-            y = _rms(block.norm, frame).flatten(2)  # [b, c, hw]
-            qkv = torch.einsum("oc,bcn->bon", block.to_qkv.weight[:, :, 0, 0], y) + block.to_qkv.bias[:, None]
-            q, k, v = qkv[:, :c], qkv[:, c : 2 * c], qkv[:, 2 * c :]
-            att = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / math.sqrt(c), dim=-1)
-            o = torch.einsum("bnm,bcm->bcn", att, v)
-            o = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], o) + block.proj.bias[:, None]
-            out[:, :, f] = frame + o.reshape(b, c, h, w)
-        return out
 
     def upsample(self, block, x):
         if block.time_conv is not None:
@@ -165,7 +103,7 @@ class PerFrameReference:
             for block in vae.decoder.upsamples:
                 h = self.residual(block, h) if isinstance(block, ResidualBlock) else self.upsample(block, h)
             norm, _, conv = vae.decoder.head
-            out.append(self.conv(conv, _silu(_rms(norm, h))))
+            out.append(self.conv(conv, silu(rms(norm, h))))
         return torch.cat(out, dim=2)
 
 

@@ -216,6 +216,19 @@ class WanVAE(nn.Module):
         mu = at_least_fp32(self.conv1(out).chunk(2, dim=1)[0])
         return self.normalize(mu) if normalize else mu
 
+    def encode_frames(self, frames: torch.Tensor, *, latents_per_step: int | None = 3) -> torch.Tensor:
+        """Frames ``[B, 1 + 4k, 3, H, W]`` in [0, 1] (the stream decoders' layout) → model-space
+        latents ``[B, 1 + k, 16, H/8, W/8]`` (float32), ready for ``StreamSession.prefill``.
+
+        A start image is one frame (one latent); see :func:`encodable_frames` to trim a video.
+        """
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(
+                f"encode_frames: expected frames [B, F, 3, H, W], got shape {list(frames.shape)}"
+            )
+        video = frames.transpose(1, 2) * 2 - 1  # [B, 3, F, H, W] in [-1, 1]
+        return self.encode(video, latents_per_step=latents_per_step).transpose(1, 2).contiguous()
+
     def decode_step(
         self, z: torch.Tensor, cache: CausalCache | None, *, normalized: bool = True
     ) -> torch.Tensor:
@@ -252,6 +265,12 @@ class WanVAE(nn.Module):
                 dim=2,
             )
         return at_least_fp32(out).clamp_(-1.0, 1.0)
+
+
+def encodable_frames(frames: int) -> int:
+    """The most frames of a ``frames``-long video that encode whole: 1 + 4k (0 if there are none).
+    The encoder takes the first frame alone and every later latent from 4 frames."""
+    return 0 if frames < 1 else 1 + TIME_STRIDE * ((frames - 1) // TIME_STRIDE)
 
 
 def infer_wan_vae_config(state_dict: dict[str, torch.Tensor], source: str) -> WanVAEConfig:
