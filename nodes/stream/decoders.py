@@ -122,7 +122,6 @@ def _fast_decoder_for(vae, identity: tuple) -> RFDecoder | None:
     return handle
 
 
-
 def _fingerprint(module: torch.nn.Module) -> tuple:
     """Identifies a VAE's weights cheaply: ComfyUI hands out a new VAE object whenever Load VAE runs
     again (e.g. after another workflow), and a session should not re-decode for that."""
