@@ -41,6 +41,10 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
 def frame_rate(text: str) -> float:
     value = _number(text, float)
     if not 0.1 <= value <= 240:
