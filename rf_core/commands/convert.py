@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [("input", input_path(args.input, "input", "checkpoint", folder_ok=True))]
     inputs += [("--lora", input_path(path, "--lora", "LoRA")) for path, _ in loras]
     out = output_file(args.output, "output", suffix=".safetensors", inputs=inputs, overwrite=args.overwrite)
-    with about(f"input {args.input}"):
+    with about("input", args.input):
         ckpt = open_dit_checkpoint(
             args.input,
             format=args.format,

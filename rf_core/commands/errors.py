@@ -38,12 +38,16 @@ def warn(command: str, message: str) -> None:
 
 
 @contextmanager
-def about(what: str) -> Iterator[None]:
-    """Prefix errors raised inside with ``what`` (a flag and its value, a config key), so the line
-    names what the user passed, e.g. ``--model x.pt: ...``."""
+def about(flag: str, value: object = None) -> Iterator[None]:
+    """Prefix errors raised inside with the flag (or config key) and its value, so the line names
+    what the user passed: ``--model x.pt: ...``. A message that starts with the value itself (as
+    loaders' messages start with the file) is not prefixed twice."""
     try:
         yield
     except CliError:
         raise
     except (ValueError, OSError, KeyError) as e:
-        raise CliError(f"{what}: {one_line(e)}") from e
+        text = one_line(e)
+        if value is None:
+            raise CliError(f"{flag}: {text}") from e
+        raise CliError(f"{flag} {value}: {text.removeprefix(f'{value}: ')}") from e

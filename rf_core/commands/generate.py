@@ -342,7 +342,7 @@ def _timeline(
 
     at = {0: "--prompt"}
     for when, prompt in args.prompt_at:
-        with about(f"--prompt-at {when}"):
+        with about("--prompt-at", when):
             chunk = parse_time(when, args.fps, config.chunk_frames)
         if chunk >= chunks:
             raise CliError(
@@ -424,7 +424,7 @@ def _prompt_embeddings(args: argparse.Namespace, plan: Plan):
         return None
     from rf_core.text.embeddings import load_prompt_embeddings
 
-    with about(f"--prompt-embeds {args.prompt_embeds}"):
+    with about("--prompt-embeds", args.prompt_embeds):
         f = load_prompt_embeddings(args.prompt_embeds, dim=None)
     for prompt in plan.cues.values():
         if _lookup(f, prompt) is None:
@@ -477,7 +477,7 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
     else:
         from rf_core.io.checkpoints import load_dit
 
-        with about(f"--model {args.model}"):
+        with about("--model", args.model):
             model = load_dit(
                 args.model,
                 preset=args.preset,
@@ -488,7 +488,7 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
             )
     hint = " (tiny-random is a small random model: only a LoRA trained on it fits)" if tiny else ""
     for path, strength in args.lora:
-        with about(f"--lora {path}"):
+        with about("--lora", path):
             try:
                 apply_lora(model, load_lora(path), strength)
             except ValueError as e:
@@ -521,11 +521,11 @@ def _decoder(args: argparse.Namespace, plan: Plan, tiny: bool):
     if args.decoder == "taehv":
         from rf_core.vae.taehv import load_taehv
 
-        with about(f"--taehv {args.taehv}"):
+        with about("--taehv", args.taehv):
             return TAEHVStreamDecoder(load_taehv(args.taehv, device=device, dtype=dtype))
     from rf_core.vae.wan_vae import load_wan_vae
 
-    with about(f"--vae {args.vae}"):
+    with about("--vae", args.vae):
         vae = load_wan_vae(args.vae, device=device, dtype=dtype)
     if args.fast:
         vae.make_fast(compile=device.type == "cuda")
