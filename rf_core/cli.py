@@ -64,7 +64,7 @@ class UsageError(CliError):
 
 def add_debug_flag(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
-        "--debug", action="store_true", default=default, help="show the traceback of an error"
+        "--debug", action="store_true", default=default, help="show the traceback of an error (default: off)"
     )
 
 

@@ -32,9 +32,13 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def warn(command: str, message: str) -> None:
+def warning_line(command: str, message: str) -> str:
     """A one-line warning: the run goes on, but the user hears what was replaced or ignored."""
-    print(f"{PROG} {command}: warning: {' '.join(message.split())}", file=sys.stderr)
+    return f"{PROG} {command}: warning: {' '.join(message.split())}"
+
+
+def warn(command: str, message: str) -> None:
+    print(warning_line(command, message), file=sys.stderr)
 
 
 @contextmanager

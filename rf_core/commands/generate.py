@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rf_core.commands import args as types
-from rf_core.commands.errors import CliError, about, warn
+from rf_core.commands.errors import CliError, about, warning_line
 from rf_core.commands.paths import input_path, output_file, output_folder
 from rf_core.config import PRESETS, SINK_POLICIES, StreamConfig
 
@@ -203,6 +203,7 @@ class Plan:
     cues: dict[int, str]  # chunk -> prompt
     inputs: list[tuple[str, Path]]
     out: Path
+    messages: list[str]  # notes and warnings, printed once everything has loaded
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
     embed = _prompt_source(args, model.cfg, embeds, plan, tiny)
     cues = {c: embed(prompt) for c, prompt in plan.cues.items()}
     decoder = _decoder(args, plan, tiny)
+    for line in plan.messages:  # after every check and load: a failed run prints its error alone
+        print(line, file=sys.stderr)
     return _stream(args, plan, model, cues, decoder)
 
 
@@ -220,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
-    """Check everything the user passed; the warnings and notes are printed only once every check
-    has passed, so that an error is the only line of a failed run."""
+    """Check everything the user passed, before anything loads."""
     warnings: list[str] = _ignored_flags(args, tiny)
     device = args.device
     if device.type != "cuda" and args.attn in ("cudnn", "flash2", "flash3"):
@@ -243,15 +245,14 @@ def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
     cues = _timeline(args, config, chunks, frames, warnings)
     inputs = _input_files(args, tiny)
     out = _output(args, inputs)
-    if tiny:
-        print(TINY_NOTE, file=sys.stderr)
-    for text in warnings:
-        warn(COMMAND, text)
-    if length_note:
-        print(length_note, file=sys.stderr)
+    messages = (
+        [TINY_NOTE] * tiny
+        + [warning_line(COMMAND, text) for text in warnings]
+        + [length_note] * bool(length_note)
+    )
     width = args.width or (128 if tiny else 832)
     height = args.height or (96 if tiny else 480)
-    return Plan(width, height, dtype, config, chunks, frames, cues, inputs, out)
+    return Plan(width, height, dtype, config, chunks, frames, cues, inputs, out, messages)
 
 
 def _ignored_flags(args: argparse.Namespace, tiny: bool) -> list[str]:
@@ -489,8 +490,9 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
     hint = " (tiny-random is a small random model: only a LoRA trained on it fits)" if tiny else ""
     for path, strength in args.lora:
         with about("--lora", path):
+            lora = load_lora(path)
             try:
-                apply_lora(model, load_lora(path), strength)
+                apply_lora(model, lora, strength)
             except ValueError as e:
                 raise ValueError(f"{e}{hint}") from e
     if args.fast or args.fp8:

@@ -35,7 +35,7 @@ def same_file(a: Path, b: Path) -> bool:
 def _refuse_inputs(out: Path, flag: str, raw: str, inputs: Inputs) -> None:
     for in_flag, p in inputs:
         if same_file(out, p):
-            raise CliError(f"{flag} {raw}: is the {in_flag} input; choose another output name")
+            raise CliError(f"{flag} {raw}: is the {in_flag} file {p}; an input is never overwritten")
 
 
 def check_folder_writable(folder: Path, flag: str, raw: str) -> None:
