@@ -21,7 +21,7 @@ EPILOG = """\
 examples:
   reward-forcing generate --model tiny-random --prompt "a red fox running through snow" --seconds 2 --out out/video.mp4
   reward-forcing download --dir models
-  reward-forcing convert models/rewardforcing.pt models/rewardforcing_bf16.safetensors --dtype bf16
+  reward-forcing convert models/Reward-Forcing-T2V-1.3B/rewardforcing.pt models/rewardforcing_bf16.safetensors --dtype bf16
   reward-forcing train --config configs/train_default.yaml
 
 Errors are one line and exit with code 2; add --debug to see the traceback."""
@@ -33,7 +33,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if action.required:
             return f"{text} (required)"

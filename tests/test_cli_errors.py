@@ -564,7 +564,7 @@ def test_help_teaches_every_flag_with_its_default_and_examples(capsys):
             if not action.option_strings or action.dest == "help":
                 continue
             text = formatter._get_help_string(action)
-            assert action.help and ("default" in text or "(required)" in text), (name, action.option_strings)
+            assert action.help and ("(default" in text or "(required)" in text), (name, action.option_strings)
     assert "(default: 16.0)" in sub.choices["generate"].format_help()
 
 

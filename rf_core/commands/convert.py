@@ -32,9 +32,9 @@ FORMAT_CHOICES = (
 
 EPILOG = """\
 examples:
-  reward-forcing convert models/rewardforcing.pt models/rewardforcing_bf16.safetensors --dtype bf16
+  reward-forcing convert models/Reward-Forcing-T2V-1.3B/rewardforcing.pt models/rewardforcing_bf16.safetensors --dtype bf16
   reward-forcing convert models/Wan2.1-T2V-1.3B models/wan_1.3b.safetensors
-  reward-forcing convert models/rewardforcing.pt merged.safetensors --lora a.safetensors --lora b.safetensors \\
+  reward-forcing convert models/Reward-Forcing-T2V-1.3B/rewardforcing.pt merged.safetensors --lora a.safetensors --lora b.safetensors \\
       --lora-strength 0.8 --lora-strength 0.5
 
 The output is written to a temporary file next to it and renamed when complete; its folder is made if
@@ -45,7 +45,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
         help="convert a DiT checkpoint to a canonical safetensors file",
-        description="Convert any supported DiT checkpoint (or model folder) to one canonical safetensors "
+        description="Convert any supported DiT checkpoint (or model folder) to one canonical safetensors\n"
         "file: Wan2.1 key names, one dtype, float8 dequantised, LoRAs merged, metadata.",
         epilog=EPILOG,
     )
@@ -69,7 +69,7 @@ def register(subparsers) -> None:
         type=types.finite_float,
         default=[],
         metavar="S",
-        help="strength per --lora, in order (one value applies to all; default: 1.0)",
+        help="strength per --lora, in order; one value applies to all (default: 1.0)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)

@@ -40,12 +40,13 @@ examples:
   # offline check with the built-in random model (it makes noise, not video)
   reward-forcing generate --model tiny-random --prompt "a red fox running through snow" --seconds 2 --out out/video.mp4
   # the real model, a prompt switch at 10 s, the fast path on a GPU
-  reward-forcing generate --model models/rewardforcing.pt --vae models/Wan2.1_VAE.pth \\
-      --text-encoder models/models_t5_umt5-xxl-enc-bf16.pth --tokenizer models/google/umt5-xxl \\
+  reward-forcing generate --model models/Reward-Forcing-T2V-1.3B/rewardforcing.pt --vae models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \\
+      --text-encoder models/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth \\
+      --tokenizer models/Wan2.1-T2V-1.3B/google/umt5-xxl \\
       --prompt "a red fox trotting through fresh snow" --prompt-at 10s "the fox leaps into a frozen river" \\
       --seconds 30 --fast --out fox.mp4
   # a PNG sequence, prompts from a prompt-embedding file, a LoRA at strength 0.8
-  reward-forcing generate --model models/rewardforcing.pt --vae models/Wan2.1_VAE.pth \\
+  reward-forcing generate --model models/Reward-Forcing-T2V-1.3B/rewardforcing.pt --vae models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \\
       --prompt-embeds prompts.safetensors --prompt fox --lora my_lora.safetensors:0.8 --png --out frames/
 
 length: video is made in chunks of {DEFAULTS.chunk_frames} latent frames = 12 video frames (the first chunk
@@ -173,7 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--device",
         type=types.device,
         default=types.default_device(),
-        help="cpu, cuda, cuda:N or mps (the default is cuda when there is a GPU)",
+        help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, else cpu)",
     )
     speed.add_argument(
         "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)"
@@ -199,9 +200,7 @@ class Plan:
     dtype: torch.dtype
     config: StreamConfig
     chunks: int
-    frames: int  # video frames made (whole chunks)
     cues: dict[int, str]  # chunk -> prompt
-    inputs: list[tuple[str, Path]]
     out: Path
     messages: list[str]  # notes and warnings, printed once everything has loaded
 
@@ -252,7 +251,7 @@ def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
     )
     width = args.width or (128 if tiny else 832)
     height = args.height or (96 if tiny else 480)
-    return Plan(width, height, dtype, config, chunks, frames, cues, inputs, out, messages)
+    return Plan(width, height, dtype, config, chunks, cues, out, messages)
 
 
 def _ignored_flags(args: argparse.Namespace, tiny: bool) -> list[str]:
