@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rf_core.commands import args as types
+from rf_core.commands import argtypes
 from rf_core.commands.errors import CliError, about
 from rf_core.commands.paths import input_path, output_file
 from rf_core.config import PRESETS
@@ -66,7 +66,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--lora-strength",
         action="append",
-        type=types.finite_float,
+        type=argtypes.finite_float,
         default=[],
         metavar="S",
         help="strength per --lora, in order; one value applies to all (default: 1.0)",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rf_core.commands import args as types
+from rf_core.commands import argtypes
 from rf_core.commands.errors import CliError, about, warning_line
 from rf_core.commands.paths import input_path, output_file, output_folder
 from rf_core.config import PRESETS, SINK_POLICIES, StreamConfig
@@ -88,23 +88,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     length = video.add_mutually_exclusive_group()
     length.add_argument(
         "--seconds",
-        type=types.positive_float,
+        type=argtypes.positive_float,
         default=5.0,
         help="length in seconds, rounded up to whole chunks",
     )
     length.add_argument(
         "--frames",
-        type=types.positive_int,
+        type=argtypes.positive_int,
         help="length in video frames instead of --seconds (default: none)",
     )
-    video.add_argument("--fps", type=types.frame_rate, default=16.0, help="frames per second of the video")
+    video.add_argument("--fps", type=argtypes.frame_rate, default=16.0, help="frames per second of the video")
     video.add_argument(
-        "--width", type=types.video_size, help="multiple of 16 (default: 832; tiny-random: 128)"
+        "--width", type=argtypes.video_size, help="multiple of 16 (default: 832; tiny-random: 128)"
     )
     video.add_argument(
-        "--height", type=types.video_size, help="multiple of 16 (default: 480; tiny-random: 96)"
+        "--height", type=argtypes.video_size, help="multiple of 16 (default: 480; tiny-random: 96)"
     )
-    video.add_argument("--seed", type=types.seed, default=0, help="noise seed (same seed, same video)")
+    video.add_argument("--seed", type=argtypes.seed, default=0, help="noise seed (same seed, same video)")
     video.add_argument(
         "--out",
         help="output .mp4 file, or with --png a folder (default: video.mp4, with --png: frames)",
@@ -130,7 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lora",
         action="append",
         default=[],
-        type=types.lora_spec,
+        type=argtypes.lora_spec,
         metavar="FILE[:STRENGTH]",
         help="LoRA to apply, strength 1.0 unless given; repeatable",
     )
@@ -148,23 +148,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     stream.add_argument(
         "--window",
-        type=types.positive_int,
+        type=argtypes.positive_int,
         help=f"latent frames attended, incl. sink and chunk (default: {DEFAULTS.window_frames}; "
         "not used by --sink-policy global)",
     )
     stream.add_argument(
         "--sink",
-        type=types.non_negative_int,
+        type=argtypes.non_negative_int,
         help=f"sink frames (default: {DEFAULTS.sink_frames}; not used by --sink-policy none or global)",
     )
     stream.add_argument(
         "--alpha",
-        type=types.unit_float,
+        type=argtypes.unit_float,
         help=f"EMA-Sink alpha in [0, 1] (default: {DEFAULTS.ema_alpha}; only --sink-policy ema)",
     )
     stream.add_argument(
         "--steps",
-        type=types.timesteps,
+        type=argtypes.timesteps,
         default=",".join(f"{t:g}" for t in DEFAULTS.denoise_steps),
         help="denoising timesteps in (0, 1000], before warping",
     )
@@ -172,14 +172,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     speed = p.add_argument_group("device and speed")
     speed.add_argument(
         "--device",
-        type=types.device,
-        default=types.default_device(),
+        type=argtypes.device,
+        default=argtypes.default_device(),
         help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, else cpu)",
     )
     speed.add_argument(
         "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)"
     )
-    speed.add_argument("--attn", type=types.attention_backend, default="auto", help="attention backend")
+    speed.add_argument("--attn", type=argtypes.attention_backend, default="auto", help="attention backend")
     speed.add_argument(
         "--fast",
         action="store_true",

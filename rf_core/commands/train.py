@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from rf_core.commands import args as types
+from rf_core.commands import argtypes
 from rf_core.commands.errors import CliError, about, one_line, warn
 from rf_core.commands.paths import input_path, output_folder, same_file
 
@@ -141,7 +141,7 @@ def check_config(config, args: argparse.Namespace) -> list[tuple[str, Path]]:
     ]
     if config.run.device:
         try:
-            types.device(config.run.device)
+            argtypes.device(config.run.device)
         except argparse.ArgumentTypeError as e:
             raise CliError(f"run.device {config.run.device!r}: {e}") from None
     if args.resume not in (None, "latest"):
