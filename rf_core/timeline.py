@@ -36,10 +36,11 @@ def parse_time(text: str, fps: float, chunk_frames: int = 3) -> int:
             raise ValueError(f"chunk index must be whole, got {text!r}")
         return int(value)
     frame = value * fps if unit == "s" else value
-    c = 0
-    while chunk_start_frame(c, chunk_frames) < frame - 1e-9:
-        c += 1
-    return c
+    if frame <= 1e-9:
+        return 0
+    # chunk c > 0 starts at 4 c chunk_frames - 3: the first c reaching the frame, in closed form
+    # (a loop would run for minutes on a time far past any video)
+    return max(1, math.ceil((frame - 1e-9 + 3) / (4 * chunk_frames)))
 
 
 def build_timeline(

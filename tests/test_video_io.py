@@ -132,6 +132,45 @@ def test_keyboard_interrupt_between_chunks_leaves_playable_file(tmp_path):
     _assert_grey_prefix(frames)
 
 
+def test_two_writers_to_one_target_never_share_a_partial_file(tmp_path):
+    path = tmp_path / "same.mp4"
+    first, second = Mp4Writer(path), Mp4Writer(path)
+    assert first.partial_path != second.partial_path
+    assert first.partial_path.name.startswith("same.") and first.partial_path.name.endswith(".partial.mp4")
+    first.write(_grey_chunk(0))  # interleaved chunks: each file must hold only its own writer's frames
+    second.write(_grey_chunk(100, 5))
+    first.write(_grey_chunk(12))
+    second.close()
+    assert probe_video(path).frames == 5
+    first.close()
+    frames = read_video_frames(path)  # the last to finish is the file, whole and unmixed
+    assert len(frames) == 24
+    _assert_grey_prefix(frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.mp4"]
+
+
+def test_no_overwrite_keeps_a_file_made_meanwhile_and_the_new_frames(tmp_path):
+    path = tmp_path / "taken.mp4"
+    w = Mp4Writer(path, overwrite=False)
+    w.write(_grey_chunk(0))
+    path.write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError, match=r"taken\.mp4 appeared.*not replaced.*partial\.mp4"):
+        w.close()
+    assert path.read_bytes() == b"someone else's file"
+    assert len(read_video_frames(w.partial_path)) == 12
+    # and without a competitor the file is moved into place, no partial left
+    fresh = Mp4Writer(tmp_path / "fresh.mp4", overwrite=False)
+    with fresh:
+        fresh.write(_grey_chunk(0, 3))
+    assert probe_video(tmp_path / "fresh.mp4").frames == 3 and not fresh.partial_path.exists()
+
+
+def test_mp4_writer_refuses_a_folder_before_any_frame(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        Mp4Writer(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 _CHILD = textwrap.dedent(
     """
     import sys, time
@@ -161,6 +200,13 @@ def _start_child(tmp_path: Path, chunks: int) -> tuple[subprocess.Popen, list[in
     assert proc.stdout.readline().strip() == b"written"
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     return proc, [int(c) for c in children]
+
+
+def _partial_of(tmp_path: Path, pid: int) -> Path | None:
+    """The child's partial file (named with its pid and a random token), once it exists."""
+    found = list(tmp_path.glob(f"killed.{pid}-*.partial.mp4"))
+    assert len(found) <= 1, found
+    return found[0] if found else None
 
 
 def _wait_gone(pid: int, timeout: float = 20.0):
@@ -195,7 +241,7 @@ def test_sigkill_of_python_keeps_every_frame_in_partial_file(tmp_path):
     for pid in ffmpeg:  # ffmpeg, in its own group, sees its input end and finishes the file
         _wait_gone(pid)
     assert not (tmp_path / "killed.mp4").exists()
-    frames = read_video_frames(tmp_path / "killed.partial.mp4")
+    frames = read_video_frames(_partial_of(tmp_path, proc.pid))
     assert len(frames) == 36
     _assert_grey_prefix(frames)
 
@@ -203,11 +249,11 @@ def test_sigkill_of_python_keeps_every_frame_in_partial_file(tmp_path):
 @linux_only
 def test_sigkill_of_python_and_ffmpeg_keeps_complete_fragments(tmp_path):
     proc, ffmpeg = _start_child(tmp_path, chunks=10)  # 120 frames, a fragment per 16
-    partial = tmp_path / "killed.partial.mp4"
     # Give ffmpeg time to encode and flush what it can, then kill everything at once.
     last, stable_since, deadline = 0, time.monotonic(), time.monotonic() + 20
     while (last == 0 or time.monotonic() - stable_since < 1.0) and time.monotonic() < deadline:
-        size = partial.stat().st_size if partial.exists() else 0
+        partial = _partial_of(tmp_path, proc.pid)
+        size = partial.stat().st_size if partial is not None else 0
         if size != last:
             last, stable_since = size, time.monotonic()
         time.sleep(0.05)
@@ -215,7 +261,7 @@ def test_sigkill_of_python_and_ffmpeg_keeps_complete_fragments(tmp_path):
         os.kill(pid, signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    frames = read_video_frames(partial)
+    frames = read_video_frames(_partial_of(tmp_path, proc.pid))
     assert 16 <= len(frames) <= 120
     _assert_grey_prefix(frames)
 

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
+from rf_core.commands import argtypes
+from rf_core.commands.errors import CliError, about
+from rf_core.commands.paths import input_path, output_file
+from rf_core.config import PRESETS
 from rf_core.io.checkpoints import DitCheckpoint, open_dit_checkpoint, save_dit
-from rf_core.io.safe_load import CheckpointError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_CHOICES = (
@@ -27,23 +30,46 @@ FORMAT_CHOICES = (
     "diffusers",
 )
 
+EPILOG = """\
+examples:
+  reward-forcing convert models/Reward-Forcing-T2V-1.3B/rewardforcing.pt models/rewardforcing_bf16.safetensors --dtype bf16
+  reward-forcing convert models/Wan2.1-T2V-1.3B models/wan_1.3b.safetensors
+  reward-forcing convert models/Reward-Forcing-T2V-1.3B/rewardforcing.pt merged.safetensors --lora a.safetensors --lora b.safetensors \\
+      --lora-strength 0.8 --lora-strength 0.5
+
+The output is written to a temporary file next to it and renamed when complete; its folder is made if
+missing. An existing output is replaced only with --overwrite; an input file never is."""
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert a DiT checkpoint to a canonical safetensors file")
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a DiT checkpoint to a canonical safetensors file",
+        description="Convert any supported DiT checkpoint (or model folder) to one canonical safetensors\n"
+        "file: Wan2.1 key names, one dtype, float8 dequantised, LoRAs merged, metadata.",
+        epilog=EPILOG,
+    )
     p.add_argument("input", help="checkpoint file, Wan/diffusers model folder, or *.safetensors.index.json")
     p.add_argument("output", help="output .safetensors file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the file's)")
-    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="input layout (default: detect)")
-    p.add_argument("--section", default=None, help="nested entry to read, e.g. generator or generator_ema")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the file's)")
+    p.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="input layout (auto: detect)")
+    p.add_argument(
+        "--section", help="nested entry to read, e.g. generator or generator_ema (default: detect)"
+    )
     p.add_argument("--no-ema", action="store_true", help="prefer 'generator' over 'generator_ema'")
-    p.add_argument("--preset", default=None, help="require this model preset (error if the file differs)")
-    p.add_argument("--lora", action="append", default=[], help="LoRA file to merge (repeatable)")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="require this model preset (error if the file differs)"
+    )
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="FILE", help="LoRA file to merge; repeatable"
+    )
     p.add_argument(
         "--lora-strength",
         action="append",
-        type=float,
+        type=argtypes.finite_float,
         default=[],
-        help="strength per --lora, in order (one value applies to all; default 1.0)",
+        metavar="S",
+        help="strength per --lora, in order; one value applies to all (default: 1.0)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
@@ -55,19 +81,18 @@ def lora_specs(loras: list[str], strengths: list[float]) -> list[tuple[str, floa
     elif len(strengths) == 1:
         strengths = strengths * len(loras)
     if len(strengths) != len(loras):
-        raise SystemExit(f"convert: got {len(loras)} --lora but {len(strengths)} --lora-strength values")
+        raise CliError(
+            f"--lora-strength: expected one value, or one per --lora ({len(loras)}), got {len(strengths)}"
+        )
     return list(zip(loras, strengths))
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise SystemExit(f"convert: the output must be a .safetensors file, got {out}")
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"convert: {out} exists (pass --overwrite to replace it)")
-    if out.resolve() == Path(args.input).resolve():
-        raise SystemExit("convert: the output must not be the input file")
-    try:
+    loras = lora_specs(args.lora, args.lora_strength)
+    inputs = [("input", input_path(args.input, "input", "checkpoint", folder_ok=True))]
+    inputs += [("--lora", input_path(path, "--lora", "LoRA")) for path, _ in loras]
+    out = output_file(args.output, "output", suffix=".safetensors", inputs=inputs, overwrite=args.overwrite)
+    with about("input", args.input):
         ckpt = open_dit_checkpoint(
             args.input,
             format=args.format,
@@ -75,12 +100,18 @@ def run(args: argparse.Namespace) -> int:
             section=args.section,
             preset=args.preset,
         )
-        dtype = DTYPES[args.dtype] if args.dtype else ckpt.file_dtype
-        describe(ckpt)
-        save_dit(out, ckpt, dtype=dtype, loras=lora_specs(args.lora, args.lora_strength))
-    except CheckpointError as e:
-        print(f"convert: {e}", file=sys.stderr)
-        return 2
+    # a sharded checkpoint or a model folder reads files the user did not name: none may be the output
+    output_file(
+        args.output,
+        "output",
+        suffix=".safetensors",
+        inputs=[("input", Path(p)) for p in ckpt.info.paths],
+        overwrite=args.overwrite,
+    )
+    dtype = DTYPES[args.dtype] if args.dtype else ckpt.file_dtype
+    describe(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_dit(out, ckpt, dtype=dtype, loras=loras)
     print(
         f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB, {str(dtype).removeprefix('torch.')})",
         file=sys.stderr,

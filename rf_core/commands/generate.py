@@ -1,4 +1,8 @@
-"""``reward-forcing generate``: the main job. Streams a video to MP4 (or PNGs) as chunks arrive."""
+"""``reward-forcing generate``: the main job. Streams a video to MP4 (or PNGs) as chunks arrive.
+
+Everything the user passed is checked before the model loads: values when the arguments are parsed,
+then input files, the output path and the prompt timeline.
+"""
 
 from __future__ import annotations
 
@@ -6,82 +10,433 @@ import argparse
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rf_core.config import StreamConfig
+from rf_core.commands import argtypes
+from rf_core.commands.errors import CliError, about, warning_line
+from rf_core.commands.paths import input_path, output_file, output_folder
+from rf_core.config import PRESETS, SINK_POLICIES, StreamConfig
 
+COMMAND = "generate"
+TINY = "tiny-random"
 TINY_NOTE = "tiny-random: a built-in random model that exercises the whole pipeline offline; it makes noise, not video"
 DOWNLOAD_HINT = "get the files with `reward-forcing download --dir models` (see README)"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULTS = StreamConfig()
+# Lengths: above LONG_SECONDS of video a warning says how long the run is; above MAX_SECONDS it is refused
+# (a mistyped length would otherwise run for days and fill the disk).
+LONG_SECONDS = 3600.0
+MAX_SECONDS = 24 * 3600.0
+
+DESCRIPTION = """\
+Stream a video from a prompt: the causal student makes it chunk by chunk and each chunk is decoded and
+written as soon as it is ready (MP4 through ffmpeg, or a PNG sequence)."""
+
+EPILOG = f"""\
+examples:
+  # offline check with the built-in random model (it makes noise, not video)
+  reward-forcing generate --model tiny-random --prompt "a red fox running through snow" --seconds 2 --out out/video.mp4
+  # the real model, a prompt switch at 10 s, the fast path on a GPU
+  reward-forcing generate --model models/Reward-Forcing-T2V-1.3B/rewardforcing.pt --vae models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \\
+      --text-encoder models/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth \\
+      --tokenizer models/Wan2.1-T2V-1.3B/google/umt5-xxl \\
+      --prompt "a red fox trotting through fresh snow" --prompt-at 10s "the fox leaps into a frozen river" \\
+      --seconds 30 --fast --out fox.mp4
+  # a PNG sequence, prompts from a prompt-embedding file, a LoRA at strength 0.8
+  reward-forcing generate --model models/Reward-Forcing-T2V-1.3B/rewardforcing.pt --vae models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \\
+      --prompt-embeds prompts.safetensors --prompt fox --lora my_lora.safetensors:0.8 --png --out frames/
+
+length: video is made in chunks of {DEFAULTS.chunk_frames} latent frames = 12 video frames (the first chunk
+9), so a length is rounded up to whole chunks: --seconds 2 at 16 fps asks for 32 frames and makes 33.
+Above {LONG_SECONDS / 3600:g} h of video a warning says how long the run is; above {MAX_SECONDS / 3600:g} h it is refused.
+
+output: the MP4 is written as <name>.<pid>-<token>.partial.mp4 next to --out and moved onto --out when
+it is complete; Ctrl-C finishes the file with the frames so far. After a hard kill the partial file
+holds them. An existing --out is replaced only with --overwrite; an input file never is."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="stream a video from a prompt", description=__doc__)
-    p.add_argument("--prompt", required=True, help="the prompt (or, with --prompt-embeds, an entry name)")
-    p.add_argument(
+    p = sub.add_parser(COMMAND, help="stream a video from a prompt", description=DESCRIPTION, epilog=EPILOG)
+    prompts = p.add_argument_group("prompts")
+    prompts.add_argument(
+        "--prompt", required=True, help="the prompt (with --prompt-embeds: an entry's name or its prompt)"
+    )
+    prompts.add_argument(
         "--prompt-at",
         nargs=2,
         action="append",
         default=[],
         metavar=("TIME", "PROMPT"),
-        help="switch prompt at TIME ('10s', '120f' video frames, '4c' chunks); repeatable",
+        help="switch to PROMPT at TIME: seconds '10s', video frames '120f' or chunks '4c' (the switch "
+        "happens at the first chunk starting at or after TIME); repeatable",
     )
-    p.add_argument(
-        "--recache", action="store_true", help="re-cache the window under the new prompt at a switch"
+    prompts.add_argument(
+        "--recache", action="store_true", help="at a switch, re-cache the window under the new prompt"
     )
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=float, default=5.0)
-    length.add_argument("--frames", type=int, help="video frames (overrides --seconds)")
-    p.add_argument("--out", default="video.mp4", help="output .mp4, or a folder for --png")
-    p.add_argument("--png", action="store_true", help="write a PNG sequence into --out instead of an MP4")
-    p.add_argument("--fps", type=float, default=16.0)
-    p.add_argument("--model", default="tiny-random", help="DiT checkpoint file, or 'tiny-random'")
-    p.add_argument("--preset", default=None, help="require this model preset (error if the file differs)")
-    p.add_argument(
+    prompts.add_argument(
+        "--prompt-embeds", metavar="FILE", help="prompt-embedding file (no text encoder needed)"
+    )
+    prompts.add_argument(
+        "--text-encoder", metavar="FILE", help="umT5-XXL weights (.pth or ComfyUI safetensors)"
+    )
+    prompts.add_argument("--tokenizer", metavar="FILE", help="google/umt5-xxl tokenizer.json or its folder")
+
+    video = p.add_argument_group("video")
+    length = video.add_mutually_exclusive_group()
+    length.add_argument(
+        "--seconds",
+        type=argtypes.positive_float,
+        default=5.0,
+        help="length in seconds, rounded up to whole chunks",
+    )
+    length.add_argument(
+        "--frames",
+        type=argtypes.positive_int,
+        help="length in video frames instead of --seconds (default: none)",
+    )
+    video.add_argument("--fps", type=argtypes.frame_rate, default=16.0, help="frames per second of the video")
+    video.add_argument(
+        "--width", type=argtypes.video_size, help="multiple of 16 (default: 832; tiny-random: 128)"
+    )
+    video.add_argument(
+        "--height", type=argtypes.video_size, help="multiple of 16 (default: 480; tiny-random: 96)"
+    )
+    video.add_argument("--seed", type=argtypes.seed, default=0, help="noise seed (same seed, same video)")
+    video.add_argument(
+        "--out",
+        help="output .mp4 file, or with --png a folder (default: video.mp4, with --png: frames)",
+    )
+    video.add_argument(
+        "--png", action="store_true", help="write a PNG sequence (frame_000000.png ...) into the --out folder"
+    )
+    video.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file (or the frame files in the --out folder)",
+    )
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=TINY, help="DiT checkpoint file, or 'tiny-random' (offline, noise)")
+    model.add_argument(
+        "--preset", choices=sorted(PRESETS), help="require this model preset (error if the file differs)"
+    )
+    model.add_argument(
         "--no-ema", action="store_true", help="use generator weights, not generator_ema, when both exist"
     )
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]")
-    p.add_argument("--text-encoder", help="umT5-XXL weights (.pth or ComfyUI safetensors)")
-    p.add_argument("--tokenizer", help="google/umt5-xxl tokenizer.json or its folder")
-    p.add_argument("--prompt-embeds", help="prompt-embedding file (skips the text encoder)")
-    p.add_argument("--decoder", choices=["wan", "taehv"], default="wan")
-    p.add_argument("--vae", help="Wan2.1_VAE.pth or wan_2.1_vae.safetensors (decoder wan)")
-    p.add_argument("--taehv", help="taew2_1.pth (decoder taehv)")
-    p.add_argument("--width", type=int, default=None, help="default 832 (tiny-random: 128)")
-    p.add_argument("--height", type=int, default=None, help="default 480 (tiny-random: 96)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sink-policy", choices=["ema", "static", "none", "global"], default="ema")
-    p.add_argument("--window", type=int, default=9, help="window in latent frames, incl. sink and chunk")
-    p.add_argument("--sink", type=int, default=3, help="sink frames")
-    p.add_argument("--alpha", type=float, default=0.999, help="EMA-Sink alpha")
-    p.add_argument("--steps", default="1000,750,500,250", help="denoising steps before warping")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU"
+    model.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=argtypes.lora_spec,
+        metavar="FILE[:STRENGTH]",
+        help="LoRA to apply, strength 1.0 unless given; repeatable",
     )
-    p.add_argument("--attn", default="auto", help="attention backend: auto, sdpa, cudnn, flash2, flash3")
-    p.add_argument(
+    model.add_argument(
+        "--decoder", choices=["wan", "taehv"], default="wan", help="wan: the Wan VAE; taehv: fast previews"
+    )
+    model.add_argument(
+        "--vae", metavar="FILE", help="Wan2.1_VAE.pth or wan_2.1_vae.safetensors (--decoder wan)"
+    )
+    model.add_argument("--taehv", metavar="FILE", help="taew2_1.pth (--decoder taehv)")
+
+    stream = p.add_argument_group("stream")
+    stream.add_argument(
+        "--sink-policy", choices=SINK_POLICIES, default=DEFAULTS.sink_policy, help="what happens to the sink"
+    )
+    stream.add_argument(
+        "--window",
+        type=argtypes.positive_int,
+        help=f"latent frames attended, incl. sink and chunk (default: {DEFAULTS.window_frames}; "
+        "not used by --sink-policy global)",
+    )
+    stream.add_argument(
+        "--sink",
+        type=argtypes.non_negative_int,
+        help=f"sink frames (default: {DEFAULTS.sink_frames}; not used by --sink-policy none or global)",
+    )
+    stream.add_argument(
+        "--alpha",
+        type=argtypes.unit_float,
+        help=f"EMA-Sink alpha in [0, 1] (default: {DEFAULTS.ema_alpha}; only --sink-policy ema)",
+    )
+    stream.add_argument(
+        "--steps",
+        type=argtypes.timesteps,
+        default=",".join(f"{t:g}" for t in DEFAULTS.denoise_steps),
+        help="denoising timesteps in (0, 1000], before warping",
+    )
+
+    speed = p.add_argument_group("device and speed")
+    speed.add_argument(
+        "--device",
+        type=argtypes.device,
+        default=argtypes.default_device(),
+        help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, else cpu)",
+    )
+    speed.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)"
+    )
+    speed.add_argument("--attn", type=argtypes.attention_backend, default="auto", help="attention backend")
+    speed.add_argument(
         "--fast",
         action="store_true",
         help="the fast path: compiled DiT and Wan decoder, fp32 RoPE, roped key cache, CUDA graphs (GPU)",
     )
-    p.add_argument(
+    speed.add_argument(
         "--fp8", action="store_true", help="fp8 GEMMs (Hopper; opt-in, changes the output slightly)"
     )
     p.set_defaults(func=run)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+@dataclass(frozen=True)
+class Plan:
+    """What the run will do, settled before anything loads."""
+
+    width: int
+    height: int
+    dtype: torch.dtype
+    config: StreamConfig
+    chunks: int
+    cues: dict[int, str]  # chunk -> prompt
+    out: Path
+    messages: list[str]  # notes and warnings, printed once everything has loaded
 
 
-def _need(path: str | None, what: str, flag: str) -> Path:
+def run(args: argparse.Namespace) -> int:
+    tiny = args.model == TINY
+    plan = plan_run(args, tiny)
+    embeds = _prompt_embeddings(args, plan)  # a prompt-embedding file is read before the model
+    model = _load_model(args, plan, tiny)
+    embed = _prompt_source(args, model.cfg, embeds, plan, tiny)
+    cues = {c: embed(prompt) for c, prompt in plan.cues.items()}
+    decoder = _decoder(args, plan, tiny)
+    for line in plan.messages:  # after every check and load: a failed run prints its error alone
+        print(line, file=sys.stderr)
+    return _stream(args, plan, model, cues, decoder)
+
+
+# ------------------------------------------------------------------ checks before any work
+
+
+def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
+    """Check everything the user passed, before anything loads."""
+    warnings: list[str] = _ignored_flags(args, tiny)
+    device = args.device
+    if device.type != "cuda" and args.attn in ("cudnn", "flash2", "flash3"):
+        raise CliError(f"--attn {args.attn}: needs a CUDA device, got --device {device}")
+    if device.type != "cuda" and args.fast:
+        warnings.append(
+            f"--fast on {device.type}: no compilation or CUDA graphs there, only fp32 RoPE and the roped key cache"
+        )
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = _stream_config(args, warnings)
+    frames, chunks, length_note = _length(args, config, warnings)
+    if config.sink_policy == "global" and chunks * config.chunk_frames > config.max_frames:
+        latent = chunks * config.chunk_frames
+        warnings.append(
+            f"--sink-policy global keeps all {latent} latent frames in the cache (memory grows with the "
+            f"length; the model was trained on {config.max_frames})"
+        )
+        config = config.replace(max_frames=latent)
+    cues = _timeline(args, config, chunks, frames, warnings)
+    inputs = _input_files(args, tiny)
+    out = _output(args, inputs)
+    messages = (
+        [TINY_NOTE] * tiny
+        + [warning_line(COMMAND, text) for text in warnings]
+        + [length_note] * bool(length_note)
+    )
+    width = args.width or (128 if tiny else 832)
+    height = args.height or (96 if tiny else 480)
+    return Plan(width, height, dtype, config, chunks, cues, out, messages)
+
+
+def _ignored_flags(args: argparse.Namespace, tiny: bool) -> list[str]:
+    """Warnings for flags that the chosen mode does not use: said, never silently dropped."""
+    given = [f for f in ("--preset", "--vae", "--taehv", "--text-encoder", "--tokenizer") if _value(args, f)]
+    if tiny:
+        given += ["--no-ema"] * args.no_ema + ["--decoder taehv"] * (args.decoder == "taehv")
+        return [
+            f"tiny-random ignores {', '.join(given)} (it has its own random decoder and text embeddings)"
+        ] * bool(given)
+    out = []
+    encoder = [f for f in ("--text-encoder", "--tokenizer") if f in given]
+    if args.prompt_embeds and encoder:
+        out.append(f"--prompt-embeds is given, so {' and '.join(encoder)} not used")
+    if args.decoder == "wan" and args.taehv:
+        out.append("--taehv is not used with --decoder wan (pass --decoder taehv to use it)")
+    if args.decoder == "taehv" and args.vae:
+        out.append("--vae is not used with --decoder taehv")
+    return out
+
+
+def _value(args: argparse.Namespace, flag: str):
+    return getattr(args, flag[2:].replace("-", "_"))
+
+
+def _stream_config(args: argparse.Namespace, warnings: list[str]) -> StreamConfig:
+    policy = args.sink_policy
+    unused = {
+        "--alpha": args.alpha is not None and policy != "ema",
+        "--sink": args.sink is not None and policy in ("none", "global"),
+        "--window": args.window is not None and policy == "global",
+    }
+    warnings += [
+        f"{flag} is not used by --sink-policy {policy}" for flag, ignored in unused.items() if ignored
+    ]
+    if args.recache and not args.prompt_at:
+        warnings.append("--recache is not used without --prompt-at")
+    window = DEFAULTS.window_frames if args.window is None else args.window
+    sink = DEFAULTS.sink_frames if args.sink is None else args.sink
+    with about(f"--window {window} / --sink {sink}"):
+        return StreamConfig(
+            window_frames=window,
+            sink_frames=sink,
+            sink_policy=policy,
+            ema_alpha=DEFAULTS.ema_alpha if args.alpha is None else args.alpha,
+            denoise_steps=args.steps,
+        )
+
+
+def _length(args: argparse.Namespace, config: StreamConfig, warnings: list[str]) -> tuple[int, int, str]:
+    """(video frames made, chunks, a note when whole chunks make more frames than asked)."""
+    from rf_core.timeline import chunk_start_frame, latent_frames_for
+
+    if args.frames is not None:
+        flag, asked = f"--frames {args.frames}", args.frames
+    else:
+        flag, asked = f"--seconds {args.seconds:g}", round(args.seconds * args.fps)
+        if asked < 1:
+            raise CliError(
+                f"{flag}: at {args.fps:g} fps that is no frame; ask for at least {1 / args.fps:.3g} s"
+            )
+    seconds = asked / args.fps
+    if seconds > MAX_SECONDS:
+        raise CliError(
+            f"{flag}: {seconds / 3600:.1f} hours of video at {args.fps:g} fps; at most "
+            f"{MAX_SECONDS / 3600:g} hours per run"
+        )
+    chunks = latent_frames_for(asked, config.chunk_frames) // config.chunk_frames
+    made = chunk_start_frame(chunks, config.chunk_frames)
+    if seconds > LONG_SECONDS:
+        warnings.append(
+            f"{flag} is a long run: {made} frames ({seconds / 3600:.1f} h of video) in {chunks} chunks; "
+            "Ctrl-C stops it and keeps the frames so far"
+        )
+    first, rest = chunk_start_frame(1, config.chunk_frames), 4 * config.chunk_frames
+    note = (
+        f"{asked} frames asked; whole chunks make {made} ({chunks} chunks: the first of {first} frames, "
+        f"then {rest} each)"
+    )
+    return made, chunks, note if made != asked else ""
+
+
+def _timeline(
+    args: argparse.Namespace, config: StreamConfig, chunks: int, frames: int, warnings: list[str]
+) -> dict[int, str]:
+    """Chunk -> prompt. A switch after the video's end is an error; two at one chunk, a warning."""
+    from rf_core.timeline import build_timeline, chunk_start_frame, parse_time
+
+    at = {0: "--prompt"}
+    for when, prompt in args.prompt_at:
+        with about("--prompt-at", when):
+            chunk = parse_time(when, args.fps, config.chunk_frames)
+        if chunk >= chunks:
+            raise CliError(
+                f"--prompt-at {when}: the switch would come at video frame "
+                f"{chunk_start_frame(chunk, config.chunk_frames)} (chunk {chunk}), after the video's end "
+                f"({frames} frames, {chunks} chunks); give an earlier time or a longer video"
+            )
+        if chunk in at:
+            warnings.append(
+                f"--prompt-at {when} {prompt!r} starts at the same chunk ({chunk}) as {at[chunk]}; "
+                f"{prompt!r} replaces it there"
+            )
+        at[chunk] = f"--prompt-at {when}"
+    timeline = build_timeline(args.prompt, args.prompt_at, args.fps, config.chunk_frames)
+    return {c.chunk: c.prompt for c in timeline}
+
+
+def _need(path: str | None, what: str, flag: str, folder_ok: bool = False) -> Path:
     if not path:
-        raise SystemExit(f"error: {what} is needed: pass {flag} FILE; {DOWNLOAD_HINT}")
-    p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"error: {what} file not found: {p}; {DOWNLOAD_HINT}")
-    return p
+        raise CliError(f"{flag} FILE is needed ({what}); {DOWNLOAD_HINT}")
+    return input_path(path, flag, what, folder_ok=folder_ok, hint=DOWNLOAD_HINT)
+
+
+def _input_files(args: argparse.Namespace, tiny: bool) -> list[tuple[str, Path]]:
+    """Every file the run will read, checked to exist; also what the output must never be."""
+    found = []
+    if not tiny:
+        found.append(("--model", _need(args.model, "Reward Forcing model", "--model", folder_ok=True)))
+    found += [("--lora", input_path(path, "--lora", "LoRA")) for path, _ in args.lora]
+    if args.prompt_embeds:
+        found.append(
+            ("--prompt-embeds", input_path(args.prompt_embeds, "--prompt-embeds", "prompt-embedding"))
+        )
+    elif not tiny:
+        found.append(("--tokenizer", _need(args.tokenizer, "umT5 tokenizer", "--tokenizer", folder_ok=True)))
+        found.append(("--text-encoder", _need(args.text_encoder, "umT5-XXL text encoder", "--text-encoder")))
+    if not tiny and args.decoder == "taehv":
+        found.append(("--taehv", _need(args.taehv, "TAEHV decoder", "--taehv")))
+    elif not tiny:
+        found.append(("--vae", _need(args.vae, "Wan VAE", "--vae")))
+    return found
+
+
+def _output(args: argparse.Namespace, inputs: list[tuple[str, Path]]) -> Path:
+    from rf_core.io.video import PngSequenceWriter
+
+    if not args.png:
+        return output_file(
+            args.out or "video.mp4",
+            "--out",
+            suffix=".mp4",
+            inputs=inputs,
+            overwrite=args.overwrite,
+            what="video",
+        )
+    folder = output_folder(args.out or "frames", "--out", inputs=inputs)
+    old = _frame_files(PngSequenceWriter(folder))
+    if old and not args.overwrite:
+        raise CliError(
+            f"--out {folder}: holds {len(old)} frame files ({old[0].name} ...); pass --overwrite to replace them"
+        )
+    for name in old:  # even with --overwrite, an input stays
+        output_file(str(name), "--out", suffix=".png", inputs=inputs, overwrite=True)
+    return folder
+
+
+def _frame_files(writer) -> list[Path]:
+    if not writer.directory.is_dir():
+        return []
+    return sorted(writer.directory.glob(f"{writer.prefix}{'[0-9]' * writer.digits}.png"))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _prompt_embeddings(args: argparse.Namespace, plan: Plan):
+    """The prompt-embedding file, with every prompt of the timeline found in it (before the model)."""
+    if not args.prompt_embeds:
+        return None
+    from rf_core.text.embeddings import load_prompt_embeddings
+
+    with about("--prompt-embeds", args.prompt_embeds):
+        f = load_prompt_embeddings(args.prompt_embeds, dim=None)
+    for prompt in plan.cues.values():
+        if _lookup(f, prompt) is None:
+            raise CliError(
+                f"--prompt-embeds {args.prompt_embeds}: has no entry named or prompted {prompt!r}; "
+                f"it has {sorted(f.entries)}"
+            )
+    return f
+
+
+def _lookup(f, text: str):
+    return f.entries.get(text) or next((e for e in f.entries.values() if e.prompt == text), None)
 
 
 def _tiny_prompt(text: str, cfg) -> torch.Tensor:
@@ -90,126 +445,55 @@ def _tiny_prompt(text: str, cfg) -> torch.Tensor:
     return random_prompt(cfg, tokens=min(cfg.text_len, 1 + len(text.split())), seed=zlib.crc32(text.encode()))
 
 
-def _prompt_source(args, model_cfg, device, dtype):
-    """Returns a function prompt text -> embeddings [1, L, text_dim]."""
-    if args.model == "tiny-random":
-        return lambda text: _tiny_prompt(text, model_cfg)
-    if args.prompt_embeds:
-        from rf_core.text.embeddings import load_prompt_embeddings
-
-        f = load_prompt_embeddings(
-            _need(args.prompt_embeds, "prompt embeddings", "--prompt-embeds"), dim=model_cfg.text_dim
-        )
-        by_text = {e.prompt: e for e in f.entries.values()}
-
-        def lookup(text: str) -> torch.Tensor:
-            e = f.entries.get(text) or by_text.get(text)
-            if e is None:
-                raise SystemExit(
-                    f"error: {args.prompt_embeds} has no entry named or prompted {text!r}; it has {sorted(f.entries)}"
+def _prompt_source(args: argparse.Namespace, model_cfg, embeds, plan: Plan, tiny: bool):
+    """A function prompt text -> embeddings [1, L, text_dim]."""
+    if embeds is not None:
+        hint = " (tiny-random is a small random model)" if tiny else ""
+        for name, e in embeds.entries.items():
+            tokens, width = e.embeds.shape
+            if width != model_cfg.text_dim or tokens > model_cfg.text_len:
+                raise CliError(
+                    f"--prompt-embeds {args.prompt_embeds}: entry {name!r} is {tokens} tokens x {width}, "
+                    f"the model takes at most {model_cfg.text_len} tokens x {model_cfg.text_dim}{hint}"
                 )
-            return e.embeds[None]
-
-        return lookup
+        return lambda text: _lookup(embeds, text).embeds[None]
+    if tiny:
+        return lambda text: _tiny_prompt(text, model_cfg)
     from rf_core.text import TextEncoder
 
-    enc = TextEncoder.from_files(
-        _need(args.tokenizer, "the umT5 tokenizer", "--tokenizer"),
-        _need(args.text_encoder, "the umT5-XXL text encoder", "--text-encoder"),
-        device=device,
-        dtype=dtype,
-    )
+    with about(f"--text-encoder {args.text_encoder} / --tokenizer {args.tokenizer}"):
+        enc = TextEncoder.from_files(args.tokenizer, args.text_encoder, device=args.device, dtype=plan.dtype)
     return lambda text: enc.encode_prompts([text])
 
 
-def _load_model(args, device, dtype):
-    if args.model == "tiny-random":
+def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
+    from rf_core.lora import apply_lora, load_lora
+
+    device, dtype = args.device, plan.dtype
+    if tiny:
         from rf_core.tiny import random_model
 
-        return random_model("tiny", seed=args.seed, device=device, dtype=dtype, attn_backend=args.attn)
-    from rf_core.io.checkpoints import load_dit
+        model = random_model("tiny", seed=args.seed, device=device, dtype=dtype, attn_backend=args.attn)
+    else:
+        from rf_core.io.checkpoints import load_dit
 
-    model = load_dit(
-        _need(args.model, "the Reward Forcing model", "--model"),
-        preset=args.preset,
-        device=device,
-        dtype=dtype,
-        prefer_ema=not args.no_ema,
-        attn_backend=args.attn,
-    )
-    for spec in args.lora:
-        from rf_core.lora import apply_lora, load_lora
-
-        path, _, strength = spec.partition(":")
-        apply_lora(model, load_lora(_need(path, "LoRA", "--lora")), float(strength or 1.0))
-    return model.eval().requires_grad_(False)
-
-
-def _decoder(args, device, dtype):
-    from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
-
-    if args.model == "tiny-random":
-        from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            vae = WanVAE(WanVAEConfig(dim=8))
-        return WanStreamDecoder(vae.to(device, dtype).eval())
-    if args.decoder == "taehv":
-        from rf_core.vae.taehv import load_taehv
-
-        return TAEHVStreamDecoder(
-            load_taehv(_need(args.taehv, "the TAEHV decoder", "--taehv"), device=device, dtype=dtype)
-        )
-    from rf_core.vae.wan_vae import load_wan_vae
-
-    vae = load_wan_vae(_need(args.vae, "the Wan VAE", "--vae"), device=device, dtype=dtype)
-    if args.fast:
-        vae.make_fast(compile=device.type == "cuda")
-    return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from rf_core.io.video import Mp4Writer, PngSequenceWriter
-    from rf_core.pipeline import AsyncDecoder
-    from rf_core.stream import StreamSession
-    from rf_core.timeline import build_timeline, latent_frames_for
-
-    tiny = args.model == "tiny-random"
-    if tiny:
-        print(TINY_NOTE, file=sys.stderr)
-    width = args.width or (128 if tiny else 832)
-    height = args.height or (96 if tiny else 480)
-    if width % 16 or height % 16:
-        raise SystemExit(f"error: width and height must be multiples of 16, got {width}x{height}")
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        steps = tuple(float(s) for s in args.steps.split(","))
-        config = StreamConfig(
-            window_frames=args.window,
-            sink_frames=args.sink,
-            sink_policy=args.sink_policy,
-            ema_alpha=args.alpha,
-            denoise_steps=steps,
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    video_frames = args.frames if args.frames is not None else round(args.seconds * args.fps)
-    try:
-        latent_frames = latent_frames_for(video_frames, config.chunk_frames)
-        timeline = build_timeline(
-            args.prompt, [tuple(c) for c in args.prompt_at], args.fps, config.chunk_frames
-        )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if config.sink_policy == "global" and latent_frames > config.max_frames:
-        config = config.replace(max_frames=latent_frames)
-    chunks = latent_frames // config.chunk_frames
-
-    model = _load_model(args, device, dtype)
+        with about("--model", args.model):
+            model = load_dit(
+                args.model,
+                preset=args.preset,
+                device=device,
+                dtype=dtype,
+                prefer_ema=not args.no_ema,
+                attn_backend=args.attn,
+            )
+    hint = " (tiny-random is a small random model: only a LoRA trained on it fits)" if tiny else ""
+    for path, strength in args.lora:
+        with about("--lora", path):
+            lora = load_lora(path)
+            try:
+                apply_lora(model, lora, strength)
+            except ValueError as e:
+                raise ValueError(f"{e}{hint}") from e
     if args.fast or args.fp8:
         from rf_core.speed import make_fast
 
@@ -221,16 +505,53 @@ def run(args: argparse.Namespace) -> int:
             fp8=args.fp8,
             cuda_graphs=args.fast and cuda,
         )
-    embed = _prompt_source(args, model.cfg, device, dtype)
-    cues = {c.chunk: embed(c.prompt) for c in timeline if c.chunk < chunks}
-    decoder = _decoder(args, device, dtype)
-    session = StreamSession(model, cues[0], (height // 8, width // 8), config, seed=args.seed)
+    return model.eval().requires_grad_(False)
 
-    out = Path(args.out)
-    writer = PngSequenceWriter(out) if args.png else Mp4Writer(out, fps=args.fps)
+
+def _decoder(args: argparse.Namespace, plan: Plan, tiny: bool):
+    from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
+
+    device, dtype = args.device, plan.dtype
+    if tiny:
+        from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            vae = WanVAE(WanVAEConfig(dim=8))
+        return WanStreamDecoder(vae.to(device, dtype).eval())
+    if args.decoder == "taehv":
+        from rf_core.vae.taehv import load_taehv
+
+        with about("--taehv", args.taehv):
+            return TAEHVStreamDecoder(load_taehv(args.taehv, device=device, dtype=dtype))
+    from rf_core.vae.wan_vae import load_wan_vae
+
+    with about("--vae", args.vae):
+        vae = load_wan_vae(args.vae, device=device, dtype=dtype)
+    if args.fast:
+        vae.make_fast(compile=device.type == "cuda")
+    return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
+
+
+# ------------------------------------------------------------------ the stream
+
+
+def _stream(args: argparse.Namespace, plan: Plan, model, cues: dict[int, torch.Tensor], decoder) -> int:
+    from tqdm import tqdm
+
+    from rf_core.io.video import Mp4Writer, PngSequenceWriter
+    from rf_core.pipeline import AsyncDecoder
+    from rf_core.stream import StreamSession
+
+    session = StreamSession(model, cues[0], (plan.height // 8, plan.width // 8), plan.config, seed=args.seed)
+    if args.png:
+        writer = PngSequenceWriter(plan.out)
+        old = _frame_files(writer)
+    else:
+        writer = Mp4Writer(plan.out, fps=args.fps, overwrite=args.overwrite)
+    decoder = AsyncDecoder(decoder, args.device)  # decodes chunk c while the DiT makes chunk c + 1
     written = 0
     start = time.perf_counter()
-    decoder = AsyncDecoder(decoder, device)  # decodes chunk c while the DiT makes chunk c + 1
 
     def write(frames: torch.Tensor) -> None:
         nonlocal written
@@ -239,8 +560,8 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(fps=f"{written / (time.perf_counter() - start):.1f}")
         bar.update()
 
-    with writer, tqdm(total=chunks, unit="chunk", desc="generate") as bar:
-        for c in range(chunks):
+    with writer, tqdm(total=plan.chunks, unit="chunk", desc=COMMAND) as bar:
+        for c in range(plan.chunks):
             if c in cues and c > 0:
                 session.set_prompt(cues[c], recache=args.recache)
             decoder.submit(session.next_chunk())
@@ -248,5 +569,11 @@ def run(args: argparse.Namespace) -> int:
                 write(decoder.result())
         for frames in decoder.drain():
             write(frames)
-    print(f"wrote {written} frames ({width}x{height}, {args.fps:g} fps) to {out}", file=sys.stderr)
+    if args.png:  # --overwrite: the folder holds this run's frames only
+        for stale in set(old) - set(writer.paths):
+            stale.unlink()
+    print(
+        f"wrote {written} frames ({plan.width}x{plan.height}, {args.fps:g} fps) to {plan.out}",
+        file=sys.stderr,
+    )
     return 0

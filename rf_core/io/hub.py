@@ -3,10 +3,12 @@ when something is downloaded). Repo ids and file names: reference-algorithm.md Â
 
 from __future__ import annotations
 
-import shutil
+import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from rf_core.io.partial import partial_path
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def download(name: str, models_dir: str | Path) -> Path:
                 "downloading needs huggingface_hub: pip install 'reward-forcing-stream[hub]' (or huggingface_hub)"
             ) from e
         snapshot_download(repo_id=item.repo_id, allow_patterns=list(item.files), local_dir=str(dest))
-    else:
+    elif not (dest / item.files[0]).is_file():  # a finished download is kept (partials have other names)
         _fetch_url(item.url, dest / item.files[0])
     return dest
 
@@ -96,11 +98,15 @@ def download(name: str, models_dir: str | Path) -> Path:
 def _fetch_url(url: str, target: Path) -> None:
     from tqdm import tqdm
 
-    tmp = target.with_name(target.name + ".partial")
-    with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
-        total = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    shutil.move(tmp, target)
+    tmp = partial_path(target)
+    try:
+        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -13,8 +13,9 @@ An interrupted MP4 stays playable:
   encode every frame sent so far and finish the file.
 * If our process is killed, ffmpeg sees its input end, finishes the file and exits on its own.
 
-While writing, the video lives at ``<stem>.partial<suffix>`` next to the target and is renamed onto
-the target by ``close()``; after a hard kill the frames so far are in that partial file.
+While writing, the video lives in a partial file next to the target, named for this run
+(``<stem>.<pid>-<token>.partial<suffix>``, see rf_core/io/partial.py), and ``close()`` moves it onto
+the target in one step; after a hard kill the frames so far are in that partial file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from rf_core.io.partial import partial_path, publish
 
 _ODD_SIZE_POLICIES = ("pad", "error")
 
@@ -128,6 +131,8 @@ class Mp4Writer(_ChunkedWriter):
     (default: one second). fragmented: False writes a classic MP4 (index at the end, moved to the
     front on close) for players that dislike fragmented files; it is then only valid once closed.
     odd_size: "pad" repeats the last row/column to reach even sizes, "error" refuses odd sizes.
+    overwrite: False makes ``close()`` refuse to replace a file that exists at the target by then
+    (FileExistsError; the video stays in ``partial_path``).
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class Mp4Writer(_ChunkedWriter):
         fragmented: bool = True,
         odd_size: str = "pad",
         layout: str = "auto",
+        overwrite: bool = True,
     ) -> None:
         super().__init__(layout)
         if odd_size not in _ODD_SIZE_POLICIES:
@@ -147,7 +153,10 @@ class Mp4Writer(_ChunkedWriter):
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path = Path(path)
-        self.partial_path = self.path.with_name(f"{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{self.path} is a folder; an MP4 writer needs a file name")
+        self.partial_path = partial_path(self.path, default_suffix=".mp4")
+        self.overwrite = overwrite
         self.fps = fps
         self.crf = crf
         self.preset = preset
@@ -201,7 +210,7 @@ class Mp4Writer(_ChunkedWriter):
         self._gen.close()  # closes ffmpeg's input and waits until it has finished the file
         if not self.partial_path.is_file() or self.partial_path.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg produced no output for {self.path} (see its messages above)")
-        os.replace(self.partial_path, self.path)
+        publish(self.partial_path, self.path, overwrite=self.overwrite)
 
 
 class PngSequenceWriter(_ChunkedWriter):
@@ -231,9 +240,13 @@ class PngSequenceWriter(_ChunkedWriter):
         for frame in frames:
             index = self.start_index + self.frames_written
             target = self.directory / f"{self.prefix}{index:0{self.digits}d}.png"
-            tmp = target.with_name(target.name + ".tmp")
-            iio.imwrite(tmp, frame, extension=".png")
-            os.replace(tmp, target)
+            tmp = partial_path(target)
+            try:
+                iio.imwrite(tmp, frame, extension=".png")
+                os.replace(tmp, target)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             self.paths.append(target)
             self.frames_written += 1
 

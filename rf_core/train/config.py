@@ -162,17 +162,22 @@ def _build(section_cls, value, where: str):
             raise ValueError(f"{where}: unknown key {k!r}; expected one of {sorted(fields)}")
         default = getattr(section_cls(), k)
         if isinstance(default, tuple):
+            if not isinstance(v, list | tuple):
+                raise ValueError(f"{where}.{k} must be a list, got {v!r}")
             v = tuple(v)
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise ValueError(f"{where}.{k} must be true or false, got {v!r}")
-        elif isinstance(default, float) and isinstance(v, int | float | str):
+        elif isinstance(default, float) and isinstance(v, int | float | str) and not isinstance(v, bool):
             try:  # YAML 1.1 reads "2e-6" (no dot) as a string
                 v = float(v)
             except ValueError:
                 raise ValueError(f"{where}.{k} must be a number, got {v!r}") from None
-        elif not isinstance(v, type(default)):
-            raise ValueError(f"{where}.{k} must be a {type(default).__name__}, got {v!r}")
+        elif not isinstance(v, type(default)) or isinstance(v, bool):
+            kind = {int: "a whole number", float: "a number", str: "a string", dict: "a mapping"}.get(
+                type(default), type(default).__name__
+            )
+            raise ValueError(f"{where}.{k} must be {kind}, got {v!r}")
         kwargs[k] = v
     return section_cls(**kwargs)
 
@@ -189,16 +194,26 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
             import tomllib
         except ImportError:  # Python 3.10
             import tomli as tomllib
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from e
     elif path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     else:
         raise ValueError(f"{path}: training config must be .yaml, .yml or .toml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected sections (model:, video:, run: ...), got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:
             raise ValueError(f"override {dotted!r} must look like 'section.key'")
-        data.setdefault(section, {})[key] = value
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise ValueError(f"{path}: {section} must be a mapping, got {data[section]!r}")
+        data[section][key] = value
     return TrainConfig.from_dict(data, source=str(path))
