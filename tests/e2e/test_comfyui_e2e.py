@@ -322,6 +322,31 @@ def test_bad_inputs_are_refused_at_queue_time(server, changes, message):
     assert message in f"{error['message']}: {error['details']}"
 
 
+def test_a_too_long_global_stream_fails_before_the_model_loads(server):
+    # fp32 and a prompt of its own: no output of an earlier test is cached for nodes 2 and 3
+    prompt = api(
+        "reward_forcing_t2v_5s", **{"2": {"text": "a global stream"}, "3": {"dtype": "fp32"}, "5": SIZE}
+    )
+    prompt["9"] = {
+        "class_type": "RewardForcingStreamSettings",
+        "inputs": {
+            "sink_policy": "global",
+            "sink_frames": 3,
+            "window_frames": 9,
+            "ema_alpha": 0.999,
+            "max_frames": 6,
+        },
+    }
+    prompt["5"]["inputs"]["settings"] = ["9", 0]
+    entry = server.wait(server.queue(prompt))
+    (error,) = messages(entry, "execution_error")
+    assert (
+        error["node_id"] == "5" and "holds at most max_frames=6 latent frames" in error["exception_message"]
+    )
+    (cached,) = messages(entry, "execution_cached")
+    assert not {"2", "3"} & set(cached["nodes"]) and set(error["executed"]) <= {"9"}  # nothing loaded
+
+
 def test_wrong_model_file_says_what_to_fix(server):
     entry = server.wait(
         server.queue(api("reward_forcing_t2v_5s", **{"3": {"model_name": "not_a_dit.safetensors"}}))
