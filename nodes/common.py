@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from rf_core import timeline
 from rf_core.config import DiTConfig, StreamConfig
 
 CATEGORY = "Reward Forcing"
@@ -45,19 +48,44 @@ def seed_widget(tooltip: str) -> tuple:
     )
 
 
-def check_size(width: int, height: int) -> str | None:
-    """An error message for a video size the model cannot take, else None."""
+class InputError(ValueError):
+    """A bad widget value, refused when the prompt is queued.
+
+    ``VALIDATE_INPUTS`` raises it rather than returning the message: ComfyUI files a returned message
+    under every input that ``VALIDATE_INPUTS`` names (one bad width came back three times, under
+    width, height and length), while an exception is reported once, for the node.
+    """
+
+
+def refuse(*errors: str | None) -> bool:
+    """What ``VALIDATE_INPUTS`` ends with: True when every check passed (each gave None), else an
+    ``InputError`` holding the messages of the failed ones, each naming its input."""
+    found = [e for e in errors if e]
+    if found:
+        raise InputError("; ".join(found))
+    return True
+
+
+def check_size(width: int | None, height: int | None) -> str | None:
+    """An error message for a video size the model cannot take, else None (None values: linked inputs)."""
+    errors = []
     for name, value in (("width", width), ("height", height)):
         if value is None:
             continue
         if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
             down = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-            return (
+            errors.append(
                 f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: "
                 f"use {down} or {down + SIZE_MULTIPLE}"
             )
-        if value > MAX_SIZE:
-            return f"{name} {value} is more than {MAX_SIZE}"
+        elif value > MAX_SIZE:
+            errors.append(f"{name} {value} is more than {MAX_SIZE}")
+    return "; ".join(errors) or None
+
+
+def check_length(length: float | None) -> str | None:
+    if length is not None and not length > 0:
+        return f"length must be more than 0, got {length}"
     return None
 
 
@@ -75,22 +103,44 @@ def denoise_steps(steps: int) -> tuple[float, ...]:
     return tuple(float(round(1000 * (steps - i) / steps)) for i in range(steps))
 
 
-def latent_frames_for(length: float, unit: str, chunk_frames: int, fps: float = WAN_FPS) -> int:
-    """Latent frames for a requested length, rounded to whole chunks (at least one).
-
-    A video of T latent frames has 1 + 4 (T - 1) frames: 5 s at 16 fps -> 21 latent frames (81 frames),
-    30 s -> 120 (477 frames), as in the reference's 5 s and 30 s settings.
-    """
-    if length is None or length <= 0:
-        raise ValueError(f"length must be more than 0 {unit}, got {length}")
+def requested_frames(length: float, unit: str, fps: float = WAN_FPS) -> int:
+    """Video frames a length asks for, counting a started frame as a whole one."""
+    error = check_length(length)
+    if error:
+        raise ValueError(error)
     if unit == "seconds":
-        frames = round(length * fps)
+        wanted = length * fps
     elif unit == "frames":
-        frames = int(length)
+        wanted = length
     else:
         raise ValueError(f"length unit must be 'seconds' or 'frames', got {unit!r}")
-    latent = (max(frames, 1) - 1 + 3) // 4 + 1
-    return max(1, round(latent / chunk_frames)) * chunk_frames
+    return math.ceil(round(wanted, 6))  # round() first: 0.3 s at 10 fps is 3.0000000000000004 frames
+
+
+def latent_frames_for(length: float, unit: str, chunk_frames: int, fps: float = WAN_FPS) -> int:
+    """Latent frames of the shortest whole-chunk video at least ``length`` long (never shorter).
+
+    A video of T latent frames has 1 + 4 (T - 1) frames: 5 s at 16 fps (80 frames) -> 21 latent
+    frames (81 frames); 10 frames -> 6 (21 frames); 477 frames -> 120, the reference's 30 s setting.
+    """
+    return timeline.latent_frames_for(requested_frames(length, unit, fps), chunk_frames)
+
+
+def video_frames(latent_frames: int) -> int:
+    """Frames the Wan VAE decodes from ``latent_frames`` latent frames (the first one gives one frame)."""
+    return 1 + 4 * (latent_frames - 1)
+
+
+def length_text(latent_frames: int, fps: float, requested: int | None = None, batch: int = 1) -> str:
+    """The node's line about the video it makes, e.g. "21 frames (1.31 s at 16 fps); 10 frames asked,
+    rounded up to whole chunks"."""
+    frames = video_frames(latent_frames)
+    text = f"{frames} frames ({frames / fps:.2f} s at {fps:g} fps)"
+    if batch > 1:
+        text = f"{batch} videos of {text}"
+    if requested is not None and requested < frames:
+        text += f"; {requested} frames asked, rounded up to whole chunks"
+    return text
 
 
 def stream_state_bytes(cfg: DiTConfig, config: StreamConfig, hw: tuple[int, int], batch: int, dtype) -> int:
@@ -134,3 +184,16 @@ def has_triton() -> bool:
     except ImportError:
         return False
     return True
+
+
+def batch_widget() -> tuple:
+    return (
+        "INT",
+        {
+            "default": 1,
+            "min": 1,
+            "max": 64,
+            "tooltip": "Videos per prompt, made together; video i uses seed + i, so each equals a batch-1 run "
+            "with that seed. The IMAGE output holds the videos one after another.",
+        },
+    )

@@ -52,6 +52,13 @@ def prompt_embeds(conditioning, text_dim: int, text_len: int, what: str = "posit
     return cond.contiguous()
 
 
+def repeat_prompts(embeds: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each prompt of [P, L, D] embeddings ``batch`` times in a row: [P * batch, L, D]."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    return embeds.repeat_interleave(batch, dim=0) if batch > 1 else embeds
+
+
 def to_conditioning(embeds: torch.Tensor) -> list:
     """[B, L, D] embeddings as a CONDITIONING, shaped like CLIPTextEncode's output."""
     if embeds.ndim == 2:

@@ -2,11 +2,14 @@
 
 It does what matters for the pack: validates inputs the way ComfyUI does at queue time (required
 inputs present, link types match the source's RETURN_TYPES, legacy combo values in their lists,
-INT/FLOAT min/max unless VALIDATE_INPUTS names the input, VALIDATE_INPUTS itself), runs only output
-nodes and their ancestors in dependency order, passes optional inputs only when given and
-``UNIQUE_ID`` as a hidden input, and keeps ComfyUI's classic output cache between runs: a node whose
-class, constant inputs, IS_CHANGED value and ancestors are unchanged is not run again (a NaN from
-IS_CHANGED never equals itself, so such nodes always run).
+INT/FLOAT min/max unless VALIDATE_INPUTS names the input, VALIDATE_INPUTS itself, whose returned
+message ComfyUI files once under each input it names, and whose exception it files once for the
+node), runs only output nodes and their ancestors in dependency order, passes optional inputs only
+when given and ``UNIQUE_ID`` as a hidden input, evaluates ``lazy`` inputs only when the node's
+``check_lazy_status`` (called with the lazy inputs not run yet as None) asks for them, and keeps
+ComfyUI's classic output cache between runs: a node whose class, constant inputs, IS_CHANGED value
+and ancestors are unchanged is not run again (a NaN from IS_CHANGED never equals itself, so such
+nodes always run).
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ from pathlib import Path
 
 
 class PromptError(ValueError):
-    """What ComfyUI would answer with HTTP 400 at queue time."""
+    """What ComfyUI would answer with HTTP 400 at queue time. ``errors``: the node errors as
+    (node id, input name or None, details), one per entry ComfyUI would list."""
+
+    def __init__(self, message: str, errors: list[tuple[str, str | None, str]] = ()) -> None:
+        super().__init__(message)
+        self.errors = list(errors)
 
 
 def is_link(value) -> bool:
@@ -117,9 +125,15 @@ class GraphExecutor:
                     )
         if validate_fn is not None:
             args = {k: (None if is_link(inputs.get(k)) else inputs.get(k)) for k in custom if k in inputs}
-            result = validate_fn(**args)
-            if result is not True:
-                raise PromptError(f"node {node_id} ({node['class_type']}): {result}")
+            try:
+                result = validate_fn(**args)
+            except Exception as err:  # ComfyUI: one "Exception when validating node" for the node
+                errors = [(node_id, None, str(err))]
+            else:  # ComfyUI: one "Custom validation failed" per input VALIDATE_INPUTS names
+                errors = [] if result is True else [(node_id, name, f"{name} - {result}") for name in args]
+            if errors:
+                details = "; ".join(detail for _, _, detail in errors)
+                raise PromptError(f"node {node_id} ({node['class_type']}): {details}", errors)
 
     # ------------------------------------------------------------------ execution
     def execute(self, prompt: dict) -> dict[str, tuple]:
@@ -140,23 +154,16 @@ class GraphExecutor:
         node = prompt[node_id]
         cls = self.classes[node["class_type"]]
         spec = cls.INPUT_TYPES()
+        declared = {**spec.get("required", {}), **spec.get("optional", {})}
+        lazy = {name for name, entry in declared.items() if len(entry) > 1 and entry[1].get("lazy")}
         args = {}
-        constants = {}
         for name, value in node["inputs"].items():
-            if is_link(value):
+            if not is_link(value):
+                args[name] = value
+            elif name not in lazy:
                 self._run(prompt, value[0], results, signatures)
                 args[name] = results[value[0]][value[1]]
-            else:
-                args[name] = value
-                constants[name] = value
-        changed = None
-        if hasattr(cls, "IS_CHANGED"):
-            changed = cls.IS_CHANGED(**{k: constants.get(k) for k in constants})
-        ancestors = tuple(
-            (name, signatures[v[0]], v[1]) for name, v in sorted(node["inputs"].items()) if is_link(v)
-        )
-        signature = (node["class_type"], json.dumps(constants, sort_keys=True), _nan_safe(changed), ancestors)
-        signatures[node_id] = signature
+        signature = self._signature(prompt, node_id, signatures)  # covers lazy ancestors too
         cached = self.cache.get(node_id)
         if cached is not None and cached[0] == signature:
             results[node_id] = cached[1]
@@ -166,6 +173,19 @@ class GraphExecutor:
                 args[name] = node_id
         key = (node_id, node["class_type"])
         instance = self.instances.setdefault(key, cls())
+        # ComfyUI passes linked lazy inputs not run yet as None (unconnected ones not at all) and runs
+        # those check_lazy_status names, then asks again, until it names none.
+        missing = {name for name in lazy if is_link(node["inputs"].get(name))}
+        args.update(dict.fromkeys(missing))
+        while hasattr(instance, "check_lazy_status"):
+            wanted = [name for name in instance.check_lazy_status(**args) if name in missing]
+            if not wanted:
+                break
+            for name in wanted:
+                src, idx = node["inputs"][name]
+                self._run(prompt, src, results, signatures)
+                args[name] = results[src][idx]
+                missing.discard(name)
         out = getattr(instance, cls.FUNCTION)(**args)
         if isinstance(out, dict):
             if out.get("ui"):
@@ -178,6 +198,26 @@ class GraphExecutor:
         results[node_id] = tuple(out)
         self.cache[node_id] = (signature, results[node_id])
         self.executed.append(node_id)
+
+    def _signature(self, prompt: dict, node_id: str, signatures: dict) -> object:
+        """A node's cache key: class, constant inputs, IS_CHANGED value and its ancestors' keys."""
+        if node_id not in signatures:
+            node = prompt[node_id]
+            cls = self.classes[node["class_type"]]
+            constants = {k: v for k, v in node["inputs"].items() if not is_link(v)}
+            changed = cls.IS_CHANGED(**constants) if hasattr(cls, "IS_CHANGED") else None
+            ancestors = tuple(
+                (name, self._signature(prompt, v[0], signatures), v[1])
+                for name, v in sorted(node["inputs"].items())
+                if is_link(v)
+            )
+            signatures[node_id] = (
+                node["class_type"],
+                json.dumps(constants, sort_keys=True),
+                _nan_safe(changed),
+                ancestors,
+            )
+        return signatures[node_id]
 
 
 class _NaN:

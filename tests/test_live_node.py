@@ -115,7 +115,9 @@ def test_live_node_needs_a_decoder_and_a_clip(tmp_path, monkeypatch):
         node.run(model, FakeCLIP(), "a cat", **args)
     with pytest.raises(ValueError, match="clip: expected a CLIP"):
         node.run(model, object(), "a cat", decoder=models()[1], **args)
-    assert "multiple of 16" in node.VALIDATE_INPUTS(width=40, height=32, prompt="a cat")
-    assert "prompt is empty" in node.VALIDATE_INPUTS(width=32, height=32, prompt="  ")
+    with pytest.raises(ValueError, match="width 40 is not a positive multiple of 16"):
+        node.VALIDATE_INPUTS(width=40, height=32, prompt="a cat")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        node.VALIDATE_INPUTS(width=32, height=32, prompt="  ")
     assert node.VALIDATE_INPUTS(width=32, height=32, prompt="a cat") is True
     assert node.IS_CHANGED() != node.IS_CHANGED()  # NaN: a live run always runs

@@ -132,12 +132,24 @@ def test_conditioning_errors_say_what_to_fix(nodes, conditioning, message):
 
 
 @pytest.mark.parametrize(
-    "length, unit, latent",
-    [(5, "seconds", 21), (30, "seconds", 120), (81, "frames", 21), (1, "frames", 3), (0.75, "seconds", 3)],
+    "length, unit, frames",
+    [
+        (5, "seconds", 81),
+        (477, "frames", 477),  # the reference's 30 s setting
+        (30, "seconds", 489),  # 480 frames asked: 477 would be shorter
+        (81, "frames", 81),
+        (10, "frames", 21),  # was 9: rounded to the nearest chunk, shorter than asked
+        (9.5, "frames", 21),
+        (1, "frames", 9),
+        (0.75, "seconds", 21),
+    ],
 )
-def test_length_to_latent_frames(nodes, length, unit, latent):
-    got = nodes.common.latent_frames_for(length, unit, chunk_frames=3)
-    assert got == latent and (1 + 4 * (got - 1)) == {21: 81, 120: 477, 3: 9}[latent]
+def test_length_is_never_shorter_than_asked(nodes, length, unit, frames):
+    latent = nodes.common.latent_frames_for(length, unit, chunk_frames=3)
+    # 1 + 4 (T - 1) frames from T latent frames, T a multiple of the 3-frame chunk
+    assert latent % 3 == 0 and 1 + 4 * (latent - 1) == frames
+    asked = length * 16 if unit == "seconds" else length
+    assert frames >= asked and 1 + 4 * (latent - 3 - 1) < asked  # one chunk less would be too short
 
 
 def test_steps_are_even_integer_timesteps(nodes):
@@ -157,7 +169,9 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(nodes, rf_model_dir):
         (rf_model_dir / "vae" / "wan_2.1_vae.safetensors").read_bytes()
     )
     with pytest.raises(
-        ValueError, match="vae_by_mistake.safetensors is not a Wan2.1 text-to-video diffusion model"
+        ValueError,
+        match="^vae_by_mistake.safetensors is a Wan 2.1 VAE, not a Wan2.1 text-to-video diffusion model: "
+        "load it with Load VAE",
     ):
         nodes.load.loaders.RewardForcingLoadModel().load("vae_by_mistake.safetensors")
     with pytest.raises(ValueError, match="width 100 is not a positive multiple of 16: use 96 or 112"):
@@ -170,11 +184,10 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(nodes, rf_model_dir):
         gen.generate(model, cond(), **GEN, vae=object())
     with pytest.raises(ValueError, match="saving an MP4 needs decoded frames"):
         gen.generate(model, cond(), **GEN, filename_prefix="x")
-    assert (
+    with pytest.raises(ValueError, match="^height 470 is not a positive multiple of 16: use 464 or 480$"):
         gen.VALIDATE_INPUTS(width=832, height=470)
-        == "height 470 is not a positive multiple of 16: use 464 or 480"
-    )
-    assert "length must be more than 0" in gen.VALIDATE_INPUTS(length=0)
+    with pytest.raises(ValueError, match="length must be more than 0"):
+        gen.VALIDATE_INPUTS(length=0)
     assert gen.VALIDATE_INPUTS(width=None, height=480, length=5) is True  # linked inputs arrive as None
 
 
@@ -191,7 +204,7 @@ def test_queue_time_validation_of_a_graph(rf_pack, nodes):
     prompt["2"] = {"class_type": "RewardForcingStreamSession", "inputs": {"model": ["1", 0]}}
     prompt["3"] = {
         "class_type": "RewardForcingSaveVideo",
-        "inputs": {"images": ["2", 0], "fps": 16.0, "filename_prefix": "x"},
+        "inputs": {"images": ["2", 1], "fps": 16.0, "filename_prefix": "x"},
     }
     with pytest.raises(PromptError, match="required input 'positive' is missing"):
         ex.validate(prompt)
@@ -343,15 +356,15 @@ def test_interrupted_session_run_resumes_exactly(nodes, rf_model_dir, monkeypatc
             run_session(nodes, model, session_id=sid, chunks=3, vae=vae)
         monkeypatch.setattr(nodes.comfy, "interrupt_check", lambda: None)
         done = nodes.stream.registry.REGISTRY.get(sid).record.chunks
-        images, latent = run_session(nodes, model, session_id=sid, chunks=4 - done, vae=vae)
-        torch.testing.assert_close(latent["samples"], reference[1]["samples"], rtol=0, atol=0)
-        torch.testing.assert_close(images, reference[0], rtol=0, atol=0)
+        latent, images = run_session(nodes, model, session_id=sid, chunks=4 - done, vae=vae)
+        torch.testing.assert_close(latent["samples"], reference[0]["samples"], rtol=0, atol=0)
+        torch.testing.assert_close(images, reference[1], rtol=0, atol=0)
 
 
 def test_failed_decode_is_redone_on_the_next_run(nodes, rf_model_dir):
     model = load_model(nodes)
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    reference = run_session(nodes, model, session_id="ref", chunks=3, vae=vae)[0]
+    reference = run_session(nodes, model, session_id="ref", chunks=3, vae=vae)[1]
     run_session(nodes, model, chunks=1, vae=vae)
     broken = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     calls = {"n": 0}
@@ -366,26 +379,26 @@ def test_failed_decode_is_redone_on_the_next_run(nodes, rf_model_dir):
     broken.first_stage_model.decoder.forward = flaky
     with pytest.raises(RuntimeError, match="out of memory"):
         run_session(nodes, model, chunks=1, vae=broken)
-    images = run_session(nodes, model, chunks=1, vae=vae)[0]
+    images = run_session(nodes, model, chunks=1, vae=vae)[1]
     torch.testing.assert_close(images, reference, rtol=0, atol=1 / 255)
 
 
 def test_session_new_frames_settings_change_and_decoder_switch(nodes, rf_model_dir):
     model = load_model(nodes)
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    first = run_session(nodes, model, output="new frames", vae=vae)[0]
-    second = run_session(nodes, model, output="new frames", vae=vae)[0]
-    whole = run_session(nodes, model, chunks=1, vae=vae)[0]
+    first = run_session(nodes, model, output="new frames", vae=vae)[1]
+    second = run_session(nodes, model, output="new frames", vae=vae)[1]
+    whole = run_session(nodes, model, chunks=1, vae=vae)[1]
     assert (first.shape[0], second.shape[0], whole.shape[0]) == (21, 24, 57)
     torch.testing.assert_close(whole[:45], torch.cat([first, second]), rtol=0, atol=0)
     # A decoder switch re-decodes the stored latents: TAEHV frames for the whole stream.
     decoder = nodes.load.loaders.RewardForcingLoadDecoder().load("taew2_1.pth")[0]
-    images, latent = run_session(nodes, model, chunks=1, decoder=decoder)
+    latent, images = run_session(nodes, model, chunks=1, decoder=decoder)
     taehv = TAEHVStreamDecoder(load_taehv(rf_model_dir / "vae_approx" / "taew2_1.pth"))
     expected = taehv.decode_chunk(nodes.stream.decode.from_comfy_latent(latent["samples"]))
     torch.testing.assert_close(images, expected[0].permute(0, 2, 3, 1), rtol=0, atol=1 / 255)
     # A new size cannot continue the stream: it starts over.
-    images, latent = run_session(nodes, model, width=48, decoder=decoder)
+    latent, images = run_session(nodes, model, width=48, decoder=decoder)
     assert latent["samples"].shape == (1, 16, 6, 4, 6) and images.shape[0] == 21
 
 
@@ -430,7 +443,9 @@ def test_lora_node_patches_a_copy_and_keeps_the_loaded_model(nodes, rf_model_dir
     assert torch.equal(base.dit.blocks[1].self_attn.q.weight, before)
     torch.testing.assert_close(patched.dit.blocks[1].self_attn.q.weight, before + 0.5 * (2.0 / 4) * b @ a)
     assert patched.identity != base.identity and patched.base is base
-    with pytest.raises(ValueError, match="is not a LoRA for a Wan2.1 DiT"):
+    with pytest.raises(
+        ValueError, match="^bad.safetensors: not a safetensors file or a torch.save checkpoint"
+    ):
         (rf_model_dir / "loras" / "bad.safetensors").write_bytes(b"not a file")
         nodes.load.loaders.RewardForcingLoRA().apply(base, "bad.safetensors", 1.0)
 
@@ -481,7 +496,7 @@ def test_decoder_loader_recognises_files(nodes, rf_model_dir):
 
 def test_decode_node_matches_whole_video_decode(nodes, rf_model_dir):
     latent = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), **{**GEN, "length": 24}
+        load_model(nodes), cond(), **{**GEN, "length": 21}
     )["result"][0]
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     (images,) = nodes.stream.decode.RewardForcingDecode().decode(latent, chunk_frames=2, vae=vae)

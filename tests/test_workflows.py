@@ -128,18 +128,18 @@ def test_session_continues_across_runs_and_other_workflows_and_switches_prompt(
     first = workflow("reward_forcing_interactive_session", **{"5": size})
     text_a = first["2"]["inputs"]["text"]
     out1 = executor.execute(first)
-    assert out1["5"][1]["samples"].shape[2] == 12 and out1["5"][0].shape[0] == 45  # 4 chunks
+    assert out1["5"][0]["samples"].shape[2] == 12 and out1["5"][1].shape[0] == 45  # 4 chunks
     # An identical second queue run must still continue the stream (IS_CHANGED), ...
     out2 = executor.execute(first)
     assert "5" in executor.executed
-    assert out2["5"][1]["samples"].shape[2] == 24 and out2["5"][0].shape[0] == 93
+    assert out2["5"][0]["samples"].shape[2] == 24 and out2["5"][1].shape[0] == 93
     # ... also after another workflow ran in between (ComfyUI then drops every cached output) ...
     executor.execute(workflow("reward_forcing_taehv_preview", **{"5": size}))
     text_b = "The paper boat sails into a bright harbour full of sailboats"
     switched = override(first, {"2": {"text": text_b}})
     out3 = executor.execute(switched)
-    samples = out3["5"][1]["samples"]
-    assert samples.shape[2] == 36 and out3["5"][0].shape[0] == 1 + 4 * 35
+    samples = out3["5"][0]["samples"]
+    assert samples.shape[2] == 36 and out3["5"][1].shape[0] == 1 + 4 * 35
     # ... and the whole video equals the engine run directly with the prompt switched (re-cached) at chunk 8.
     expected = engine_latents(rf_model_dir, [(8, text_a), (4, text_b)], (4, 4), seed=3, recache=True)
     torch.testing.assert_close(samples, wan21_process_out(expected), rtol=1e-5, atol=1e-5)

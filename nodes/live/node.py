@@ -25,6 +25,7 @@ from ..common import (
     check_size,
     model_input,
     recache_widget,
+    refuse,
     seed_widget,
     size_widget,
     steps_widget,
@@ -138,14 +139,12 @@ class RewardForcingLive:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, prompt=None):
-        error = check_size(width, height)
-        if error:
-            return error
+        prompt_error = None
         if prompt is not None and not prompt.strip():
-            return "prompt is empty: type what the stream should show"
-        if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-            return f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
-        return True
+            prompt_error = "prompt is empty: type what the stream should show"
+        elif prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+            prompt_error = f"prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+        return refuse(check_size(width, height), prompt_error)
 
     def run(
         self,

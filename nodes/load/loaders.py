@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import weakref
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-from rf_core.io.safe_load import CheckpointError
+from rf_core.config import PRESETS
+from rf_core.io.formats import looks_like_lora
+from rf_core.io.safe_load import CheckpointError, read_tensor_file
 from rf_core.model.attention import BACKENDS
 
 from .. import comfy
@@ -39,6 +44,114 @@ def _auto_dtype(device: torch.device) -> torch.dtype:
     if mm.should_use_bf16(device):
         return torch.bfloat16
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def _named(err: Exception, path: str, name: str) -> str:
+    """The error's message naming the file as the node lists it, not by its full path."""
+    text = str(err)
+    for full in sorted({path, str(Path(path)), os.path.realpath(path)}, key=len, reverse=True):
+        text = text.replace(full, name)
+    return text
+
+
+def _file_keys(path: str) -> list[str] | None:
+    """Every tensor key of a checkpoint (nested ones joined with '.'), or None if the file itself
+    cannot be read (truncated, corrupt, not a checkpoint)."""
+    try:
+        tree, _ = read_tensor_file(path)
+    except CheckpointError:
+        return None
+    keys: list[str] = []
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.append(f"{prefix}{k}")
+
+    walk(tree, "")
+    return keys
+
+
+# Files that are not a Wan2.1 text-to-video DiT, told apart by their keys: (test, what it is, what
+# to do with it). Checked in this order: an image-to-video Wan also has the text-to-video keys.
+_OTHER_KINDS = (
+    (
+        looks_like_lora,
+        "a LoRA",
+        "load the base model here, then apply the LoRA with Reward Forcing: LoRA (models/loras)",
+    ),
+    (
+        lambda keys: any("img_emb." in k for k in keys),
+        "a Wan image-to-video model",
+        "Reward Forcing streams text to video: pick the causal text-to-video student (e.g. rewardforcing.pt)",
+    ),
+    (
+        lambda keys: any(k.startswith(("decoder.head.", "decoder.upsamples.")) for k in keys),
+        "a Wan 2.1 VAE",
+        "load it with Load VAE or Reward Forcing: Load Decoder (models/vae) and connect it to the generator",
+    ),
+    (
+        lambda keys: any(re.match(r"decoder\.\d+\.", k) for k in keys),
+        "a TAEHV decoder",
+        "load it with Reward Forcing: Load Decoder (models/vae_approx) and connect it to the generator",
+    ),
+    (
+        lambda keys: any(
+            k.startswith(("encoder.block.", "shared.", "text_model.", "token_embd.")) for k in keys
+        ),
+        "a text encoder",
+        "load it with Load CLIP (type wan, models/text_encoders) and connect CLIP Text Encode to positive",
+    ),
+    (
+        lambda keys: any(m in k for k in keys for m in ("input_blocks.", "double_blocks.", "joint_blocks.")),
+        "a diffusion model of another family (Stable Diffusion, SD3 or Flux)",
+        "pick the causal Wan2.1 text-to-video student (e.g. rewardforcing.pt)",
+    ),
+)
+
+
+def _model_file_error(err: CheckpointError, path: str, name: str) -> str:
+    """Why a model file did not load. The cause comes first; what to pick instead only where the file
+    is another kind of model file (a damaged file says so and nothing else)."""
+    keys = _file_keys(path)
+    for test, what, advice in _OTHER_KINDS if keys else ():
+        if test(keys):
+            return f"{name} is {what}, not a Wan2.1 text-to-video diffusion model: {advice}"
+    return _named(err, path, name)
+
+
+def _size_name(dim: int) -> str:
+    """A DiT width with the preset it belongs to, e.g. "1536 wide (wan2.1-t2v-1.3b)"."""
+    presets = [n for n, cfg in PRESETS.items() if cfg.dim == dim]
+    return f"{dim} wide ({presets[0]})" if presets else f"{dim} wide"
+
+
+def _lora_size(lora) -> str:
+    """The DiT a LoRA was made for, as far as its layers tell: width and number of blocks."""
+    widths, blocks = set(), set()
+    for module, layer in lora.layers.items():
+        block = re.match(r"blocks\.(\d+)\.", module)
+        if block is None:
+            continue
+        blocks.add(int(block[1]))
+        delta = layer.up if layer.up is not None else layer.diff
+        if re.fullmatch(r"blocks\.\d+\.(self|cross)_attn\.[qkvo]", module) and delta is not None:
+            widths.add(delta.shape[0])  # attention projections map the width to itself
+    parts = [" or ".join(_size_name(w) for w in sorted(widths))] if widths else []
+    if blocks:
+        parts.append(f"at least {max(blocks) + 1} blocks")
+    return " with ".join(parts) or "another model"
+
+
+def _lora_mismatch(err: Exception, lora, lora_name: str, model: RFModel) -> str:
+    cfg = model.cfg
+    detail = str(err).removeprefix(f"{lora_name}: ")
+    return (
+        f"{lora_name} does not fit {model.name}: the LoRA was made for a DiT {_lora_size(lora)}, this one is "
+        f"{_size_name(cfg.dim)} with {cfg.num_layers} blocks ({detail}). Pick a LoRA trained for this model"
+    )
 
 
 def _pick_device(placement: str) -> tuple[torch.device, torch.device, bool]:
@@ -132,10 +245,7 @@ class RewardForcingLoadModel:
         try:
             dit = load_dit(path, device=wait_on, dtype=weight_dtype, attn_backend=attention)
         except CheckpointError as err:
-            raise ValueError(
-                f"{model_name} is not a Wan2.1 text-to-video diffusion model Reward Forcing can load "
-                f"(pick the causal student, not a VAE, text encoder or LoRA): {err}"
-            ) from err
+            raise ValueError(_model_file_error(err, path, model_name)) from err
         if dtype == FP8:
             from rf_core.model.fp8 import store_linears_fp8
 
@@ -181,7 +291,7 @@ class RewardForcingLoRA:
         }
 
     def apply(self, model: RFModel, lora_name: str, strength: float = 1.0):
-        from rf_core.lora import load_lora
+        from rf_core.lora import LoraError, load_lora
 
         if not isinstance(model, RFModel):
             raise ValueError(f"model: expected an RF_MODEL from Load Model, got {type(model).__name__}")
@@ -189,8 +299,15 @@ class RewardForcingLoRA:
         try:
             lora = load_lora(path)
         except CheckpointError as err:
-            raise ValueError(f"{lora_name} is not a LoRA for a Wan2.1 DiT: {err}") from err
-        return (model.with_lora(lora, lora_name, strength),)
+            if _file_keys(path) is None:  # a damaged file: that is the whole story
+                raise ValueError(_named(err, path, lora_name)) from err
+            cause = _named(err, path, lora_name).removeprefix(f"{lora_name}: ")
+            raise ValueError(f"{lora_name} is not a LoRA for a Wan2.1 DiT: {cause}") from err
+        lora.source = lora_name  # the engine's errors name the file as the node lists it
+        try:
+            return (model.with_lora(lora, lora_name, strength),)
+        except LoraError as err:
+            raise ValueError(_lora_mismatch(err, lora, lora_name, model)) from err
 
 
 class RewardForcingLoadDecoder:

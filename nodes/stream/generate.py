@@ -10,19 +10,24 @@ from .. import comfy
 from ..common import (
     CATEGORY,
     WAN_FPS,
+    batch_widget,
+    check_length,
     check_size,
     denoise_steps,
     fps_widget,
     latent_frames_for,
     latent_hw,
+    length_text,
     model_input,
+    refuse,
+    requested_frames,
     seed_widget,
     size_widget,
     steps_widget,
     stream_settings_input,
     stream_state_bytes,
 )
-from ..conditioning import prompt_embeds
+from ..conditioning import prompt_embeds, repeat_prompts
 from ..model_handle import RFModel
 from ..video.files import VideoFiles, video_ui
 from .decoders import decoder_stream
@@ -53,6 +58,34 @@ def stream_inputs(
     return check_model(model), stream_config(settings, steps), latent_hw(width, height)
 
 
+def video_length(config: StreamConfig, length: float, length_unit: str, fps: float) -> int:
+    """Latent frames of the video asked for; refuses a length the settings cannot stream."""
+    frames = latent_frames_for(length, length_unit, config.chunk_frames, fps)
+    if config.sink_policy == "global" and frames > config.max_frames:
+        raise ValueError(
+            f"the 'global' sink policy holds at most max_frames={config.max_frames} latent frames but "
+            f"this length needs {frames}: shorten the video, raise max_frames, or use the 'ema' policy"
+        )
+    return frames
+
+
+SAVE_NEEDS_FRAMES = "saving an MP4 needs decoded frames: connect a VAE or a decoder, or clear filename_prefix"
+
+# Inputs ComfyUI evaluates only when check_lazy_status asks for them: loading a model, encoding a
+# prompt or loading a VAE takes seconds to minutes, so the cheap checks run before any of it.
+LAZY_INPUTS = ("model", "positive", "vae", "decoder")
+
+
+def lazy(spec: tuple) -> tuple:
+    return (spec[0], {**spec[1], "lazy": True})
+
+
+def pending_inputs(inputs: dict) -> list[str]:
+    """The lazy inputs check_lazy_status must ask for: linked (ComfyUI passes them, as None until
+    evaluated) and not evaluated yet. Unconnected optional inputs are not passed at all."""
+    return [name for name in LAZY_INPUTS if name in inputs and inputs[name] is None]
+
+
 class RewardForcingStreamGenerate:
     DESCRIPTION = (
         "Generate a video chunk by chunk (12 frames each) with the causal model. Outputs a Wan 2.1 LATENT "
@@ -73,13 +106,15 @@ class RewardForcingStreamGenerate:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": model_input(),
-                "positive": (
-                    "CONDITIONING",
-                    {
-                        "tooltip": "Prompt from CLIPTextEncode with the umT5 text encoder (CLIPLoader type 'wan'), "
-                        "or from Load Prompt Embeddings."
-                    },
+                "model": lazy(model_input()),
+                "positive": lazy(
+                    (
+                        "CONDITIONING",
+                        {
+                            "tooltip": "Prompt from CLIPTextEncode with the umT5 text encoder (CLIPLoader type "
+                            "'wan'), or from Load Prompt Embeddings."
+                        },
+                    )
                 ),
                 "seed": seed_widget("Noise seed; the same seed and settings give the same video."),
                 "length": (
@@ -89,7 +124,9 @@ class RewardForcingStreamGenerate:
                         "min": 0.0,
                         "max": 100000.0,
                         "step": 0.25,
-                        "tooltip": "Video length, rounded to whole chunks of 12 frames (5 s = 81 frames, 30 s = 477).",
+                        "tooltip": "Video length, rounded up to whole chunks (the first gives 9 frames, "
+                        "each next one 12): 5 s = 81 frames, 477 frames = 30 s in the reference. The node "
+                        "shows the length it makes.",
                     },
                 ),
                 "length_unit": (["seconds", "frames"], {"default": "seconds", "tooltip": "Unit of length."}),
@@ -99,13 +136,11 @@ class RewardForcingStreamGenerate:
             },
             "optional": {
                 "settings": stream_settings_input(),
-                "vae": (
-                    "VAE",
-                    {"tooltip": "ComfyUI Wan 2.1 VAE (Load VAE): frames decoded exactly, chunk by chunk."},
+                "vae": lazy(
+                    ("VAE", {"tooltip": "ComfyUI Wan 2.1 VAE (Load VAE): exact frames, chunk by chunk."})
                 ),
-                "decoder": (
-                    "RF_DECODER",
-                    {"tooltip": "Our decoder (Load Decoder), e.g. TAEHV for fast previews."},
+                "decoder": lazy(
+                    ("RF_DECODER", {"tooltip": "Our decoder (Load Decoder), e.g. TAEHV for fast previews."})
                 ),
                 "filename_prefix": (
                     "STRING",
@@ -116,6 +151,7 @@ class RewardForcingStreamGenerate:
                     },
                 ),
                 "fps": fps_widget("Frame rate of the video (Wan: 16); also converts seconds to frames."),
+                "batch": batch_widget(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -123,12 +159,24 @@ class RewardForcingStreamGenerate:
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, length=None):
         # Naming an input here switches off ComfyUI's own min/max check for it, so check those too.
-        error = check_size(width, height)
-        if error:
-            return error
-        if length is not None and length <= 0:
-            return f"length must be more than 0, got {length}"
-        return True
+        return refuse(check_size(width, height), check_length(length))
+
+    def check_lazy_status(
+        self,
+        length: float,
+        length_unit: str,
+        steps: int,
+        settings: StreamConfig | None = None,
+        filename_prefix: str = "",
+        fps: float = WAN_FPS,
+        **inputs,
+    ) -> list[str]:
+        # The settings node's values are unknown at queue time (linked inputs reach VALIDATE_INPUTS as
+        # None), so a length they cannot stream is refused here, before the model is loaded.
+        video_length(stream_config(settings, steps), length, length_unit, fps)
+        if filename_prefix.strip() and "vae" not in inputs and "decoder" not in inputs:
+            raise ValueError(SAVE_NEEDS_FRAMES)
+        return pending_inputs(inputs)
 
     def generate(
         self,
@@ -145,36 +193,32 @@ class RewardForcingStreamGenerate:
         decoder=None,
         filename_prefix: str = "",
         fps: float = WAN_FPS,
+        batch: int = 1,
         unique_id: str | None = None,
     ):
         model, config, hw = stream_inputs(model, settings, steps, width, height)
-        frames = latent_frames_for(length, length_unit, config.chunk_frames, fps)
-        if config.sink_policy == "global" and frames > config.max_frames:
-            raise ValueError(
-                f"the 'global' sink policy holds at most max_frames={config.max_frames} latent frames but "
-                f"this length needs {frames}: shorten the video, raise max_frames, or use the 'ema' policy"
-            )
-        embeds = prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len)
+        frames = video_length(config, length, length_unit, fps)
+        embeds = repeat_prompts(prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len), batch)
         decode, _ = decoder_stream(vae, decoder)
         if filename_prefix.strip() and decode is None:
-            raise ValueError(
-                "saving an MP4 needs decoded frames: connect a VAE or a decoder, or clear filename_prefix"
-            )
-        batch = embeds.shape[0]
-        dit = model.acquire(stream_state_bytes(model.cfg, config, hw, batch, model.dit.dtype))
+            raise ValueError(SAVE_NEEDS_FRAMES)
+        videos = embeds.shape[0]
+        text = length_text(frames, fps, requested_frames(length, length_unit, fps), videos)
+        comfy.progress_text(text, unique_id)
+        dit = model.acquire(stream_state_bytes(model.cfg, config, hw, videos, model.dit.dtype))
         stream = StreamSession(dit, embeds, hw, config, seed=seed, interrupt=comfy.interrupt_check())
         record = StreamRecord(stream, decode)
         record.prepare = model.acquire
         chunks = frames // config.chunk_frames
         progress = comfy.Progress(chunks * record.passes_per_chunk(), unique_id)
-        files = VideoFiles(filename_prefix, fps, batch, width, height) if filename_prefix.strip() else None
+        files = VideoFiles(filename_prefix, fps, videos, width, height) if filename_prefix.strip() else None
         try:
             record.advance(chunks, progress, files.write if files else None)
         finally:
             entries = files.close() if files else []
         out = comfy.intermediate_device()
         latent = {"samples": to_comfy_latent(record.latent()).to(out)}
-        return {"ui": video_ui(entries), "result": (latent, record.images().to(out))}
+        return {"ui": {**video_ui(entries), "text": [text]}, "result": (latent, record.images().to(out))}
 
 
 NODE_CLASS_MAPPINGS = {"RewardForcingStreamGenerate": RewardForcingStreamGenerate}

@@ -13,16 +13,18 @@ from rf_core.vae.latent_format import to_comfy_latent
 from .. import comfy
 from ..common import (
     CATEGORY,
+    batch_widget,
     check_size,
     model_input,
     recache_widget,
+    refuse,
     seed_widget,
     size_widget,
     steps_widget,
     stream_settings_input,
     stream_state_bytes,
 )
-from ..conditioning import prompt_embeds
+from ..conditioning import prompt_embeds, repeat_prompts
 from .decoders import decoder_stream
 from .generate import stream_inputs
 from .record import StreamRecord
@@ -41,12 +43,12 @@ class RewardForcingStreamSession:
     )
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("IMAGE", "LATENT")
-    RETURN_NAMES = ("images", "latent")
+    RETURN_TYPES = ("LATENT", "IMAGE")  # the order of every generator node
+    RETURN_NAMES = ("latent", "images")
     OUTPUT_TOOLTIPS = (
-        "Frames of this run (or of the whole video so far, see output): decoded with a VAE/decoder, else a "
-        "rough preview per latent frame.",
-        "Wan 2.1 latent [B, 16, T, H/8, W/8] (raw VAE space) of the same frames.",
+        "Wan 2.1 latent [B, 16, T, H/8, W/8] (raw VAE space) of this run's chunks (or of the whole video so "
+        "far, see output).",
+        "The same frames: decoded with a VAE/decoder, else a rough preview per latent frame.",
     )
 
     @classmethod
@@ -103,6 +105,7 @@ class RewardForcingStreamSession:
                     {"tooltip": "ComfyUI Wan 2.1 VAE: frames decoded exactly and seamlessly across runs."},
                 ),
                 "decoder": ("RF_DECODER", {"tooltip": "Our decoder (Load Decoder), e.g. TAEHV for speed."}),
+                "batch": batch_widget(),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -113,12 +116,11 @@ class RewardForcingStreamSession:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width=None, height=None, session_id=None):
-        error = check_size(width, height)
-        if error:
-            return error
-        if session_id is not None and not session_id.strip():
-            return "session_id is empty: give the stream a name such as 'stream-1'"
-        return True
+        empty = session_id is not None and not session_id.strip()
+        return refuse(
+            check_size(width, height),
+            "session_id is empty: give the stream a name such as 'stream-1'" if empty else None,
+        )
 
     def run(
         self,
@@ -136,6 +138,7 @@ class RewardForcingStreamSession:
         settings: StreamConfig | None = None,
         vae=None,
         decoder=None,
+        batch: int = 1,
         unique_id: str | None = None,
     ):
         model, config, hw = stream_inputs(model, settings, steps, width, height)
@@ -143,7 +146,7 @@ class RewardForcingStreamSession:
             raise ValueError(f"chunks must be at least 1, got {chunks}")
         if output not in OUTPUT_CHOICES:
             raise ValueError(f"output must be one of {OUTPUT_CHOICES}, got {output!r}")
-        embeds = prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len)
+        embeds = repeat_prompts(prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len), batch)
         decode, decoder_key = decoder_stream(vae, decoder)
         batch = embeds.shape[0]
         settings_key = (model.identity, hw, config, batch)
@@ -152,7 +155,8 @@ class RewardForcingStreamSession:
         session = REGISTRY.get(session_id)
         if session is not None and not reset and session.settings != settings_key:
             log.warning(
-                "Reward Forcing session %r: model, size or stream settings changed; starting over", session_id
+                "Reward Forcing session %r: model, size, batch or stream settings changed; starting over",
+                session_id,
             )
             comfy.progress_text("settings changed: new stream", unique_id)
             reset = True
@@ -191,7 +195,7 @@ class RewardForcingStreamSession:
         start = first if output == OUTPUT_CHOICES[0] else 0
         out = comfy.intermediate_device()
         latent = {"samples": to_comfy_latent(record.latent(start)).to(out)}
-        return (record.images(start).to(out), latent)
+        return (latent, record.images(start).to(out))
 
 
 class RewardForcingFreeSession:

@@ -175,7 +175,7 @@ def test_taehv_preview_writes_81_frames(server):
 def test_session_continues_over_queue_runs_other_workflows_and_a_prompt_switch(server):
     prompt = api("reward_forcing_interactive_session", **{"5": {**SIZE, "session_id": "e2e"}})
     probe(prompt, "Conditioning", ["2", 0], "session_cond")
-    probe(prompt, "Latent", ["5", 1], "session_latent")
+    probe(prompt, "Latent", ["5", 0], "session_latent")
     counts = []
     first = server.run(prompt)
     counts.append(mp4_frames(server, outputs_of(first, "6")[0]))
@@ -240,7 +240,7 @@ def test_cancel_mid_session_then_continue_consistently(server):
     )
     del prompt["4"], prompt["5"]["inputs"]["vae"]  # latent previews only: quick chunks
     probe(prompt, "Conditioning", ["2", 0], "cancel_cond")
-    probe(prompt, "Latent", ["5", 1], "cancel_latent")
+    probe(prompt, "Latent", ["5", 0], "cancel_latent")
     prompt_id = server.queue(prompt)
     deadline = time.monotonic() + 120
     while not (server.output / "probe" / "cancel_cond.pt").exists() and time.monotonic() < deadline:
@@ -317,6 +317,34 @@ def test_lora_patch_equals_merged_weights_and_base_stays_clean(server):
 def test_bad_inputs_are_refused_at_queue_time(server, changes, message):
     status, body = server.post("/prompt", {"prompt": api("reward_forcing_t2v_5s", **changes)})
     assert status == 400 and message in str(body)
+    (node,) = changes
+    (error,) = body["node_errors"][node]["errors"]  # once, not under every input VALIDATE_INPUTS names
+    assert message in f"{error['message']}: {error['details']}"
+
+
+def test_a_too_long_global_stream_fails_before_the_model_loads(server):
+    # fp32 and a prompt of its own: no output of an earlier test is cached for nodes 2 and 3
+    prompt = api(
+        "reward_forcing_t2v_5s", **{"2": {"text": "a global stream"}, "3": {"dtype": "fp32"}, "5": SIZE}
+    )
+    prompt["9"] = {
+        "class_type": "RewardForcingStreamSettings",
+        "inputs": {
+            "sink_policy": "global",
+            "sink_frames": 3,
+            "window_frames": 9,
+            "ema_alpha": 0.999,
+            "max_frames": 6,
+        },
+    }
+    prompt["5"]["inputs"]["settings"] = ["9", 0]
+    entry = server.wait(server.queue(prompt))
+    (error,) = messages(entry, "execution_error")
+    assert (
+        error["node_id"] == "5" and "holds at most max_frames=6 latent frames" in error["exception_message"]
+    )
+    (cached,) = messages(entry, "execution_cached")
+    assert not {"2", "3"} & set(cached["nodes"]) and set(error["executed"]) <= {"9"}  # nothing loaded
 
 
 def test_wrong_model_file_says_what_to_fix(server):
@@ -324,4 +352,6 @@ def test_wrong_model_file_says_what_to_fix(server):
         server.queue(api("reward_forcing_t2v_5s", **{"3": {"model_name": "not_a_dit.safetensors"}}))
     )
     (error,) = messages(entry, "execution_error")
-    assert "not_a_dit.safetensors is not a Wan2.1 text-to-video diffusion model" in error["exception_message"]
+    assert error["exception_message"].startswith(
+        "not_a_dit.safetensors is a Wan 2.1 VAE, not a Wan2.1 text-to-video diffusion model: load it with Load VAE"
+    )
