@@ -518,7 +518,7 @@ def test_comfy_vae_on_a_fast_device_decodes_with_our_fast_decoder_and_the_same_f
     a copy of that VAE's weights; the frames equal ComfyUI's own decoder's within float rounding."""
     decoders = nodes.stream.decoders
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
-    args = {**GEN, "length": 24}
+    args = {**GEN, "length": 21}
     reference = nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes), cond(), vae=vae, **args
     )
