@@ -5,7 +5,8 @@ A reward is any callable ``reward(frames, prompts) -> Tensor [B]`` where ``frame
 strings). Higher is better; Re-DMD weights each sample by exp(β·r), so a reward should be roughly
 standardised (VideoAlign's normalised scores are, with a spread of about 1).
 
-Built in: ``motion`` (weight-free, mean absolute frame difference), ``videoalign`` (Qwen2-VL
+Built in: ``motion`` (weight-free: frame differences, relative to the latents' spread when it
+scores latents), ``videoalign`` (Qwen2-VL
 VideoReward, optional ``transformers`` dependency, see :mod:`rf_core.train.videoalign`), ``none``
 (plain DMD). A user's own reward is loaded from an import path ``"package.module:callable"``.
 """
@@ -101,9 +102,9 @@ class MotionReward:
             self.warned = True
             names = "center/scale" if pixels else "latent_center/latent_scale"
             log.warning(
-                "motion reward at its clamp (±%g) for every sample (%s motion %s; %s %g/%g): every "
-                "Re-DMD weight exp(beta * reward) is then the same, plain DMD at a fixed scale; set the "
-                "reward options %s around your rollouts' motion",
+                "motion reward at its clamp (±%g) for every sample (%s motion %s; %s %g/%g): the "
+                "Re-DMD weights exp(beta * reward) then carry no information (plain DMD at a fixed "
+                "scale); set the reward options %s around your rollouts' motion",
                 self.limit,
                 "frame" if pixels else "latent",
                 ", ".join(f"{v:.3g}" for v in m.tolist()),
