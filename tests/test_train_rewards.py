@@ -12,6 +12,8 @@ from rf_core.train.losses import reward_weights
 from rf_core.train.rewards import MotionReward, build_reward
 from rf_core.vae.latent_format import LATENT_MEAN, LATENT_STD
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPEEDS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # latent pixels per latent frame
 
 
