@@ -36,8 +36,12 @@ def test_default_config_holds_the_paper_hyper_parameters():
     )
     assert (c.video.frames, c.video.height, c.video.width) == (21, 480, 832)
     assert c.video.denoise_steps == (1000.0, 750.0, 500.0, 250.0)
+    assert (c.video.grad_frames, c.video.chunk_frames) == (21, 3)
     assert (c.reward.kind, c.reward.options["dimension"]) == ("videoalign", "MQ")
     assert c.run.gradient_checkpointing and c.run.mixed_precision == "bf16"
+    # the code's defaults are the file's: a config that leaves a key out gets the paper's value too
+    defaults = TrainConfig()
+    assert (defaults.optim, defaults.loss, defaults.video) == (c.optim, c.loss, c.video)
 
 
 def test_toml_config_and_clear_errors(tmp_path):
@@ -51,6 +55,10 @@ def test_toml_config_and_clear_errors(tmp_path):
         TrainConfig.from_dict({"lora": {"enabled": "yes"}})
     with pytest.raises(ValueError, match="multiple of chunk_frames"):
         TrainConfig.from_dict({"video": {"frames": 4}})
+    with pytest.raises(
+        ValueError, match=r"video.grad_frames 20 must be a positive multiple of chunk_frames 3"
+    ):
+        TrainConfig.from_dict({"video": {"grad_frames": 20}})
     with pytest.raises(ValueError, match=r"\.yaml, \.yml or \.toml"):
         (tmp_path / "c.json").write_text("{}")
         load_train_config(tmp_path / "c.json")
@@ -62,7 +70,7 @@ def test_cli_trains_logs_checkpoints_resumes_and_exports(tmp_path):
         f"""
 model: {{random_preset: tiny}}
 video: {{frames: 3, height: 32, width: 48}}
-reward: {{kind: motion, options: {{center: 0.0, scale: 0.05}}}}
+reward: {{kind: motion, options: {{latent_center: 1.5, latent_scale: 0.1}}}}
 optim: {{gradient_accumulation: 1, critic_steps_per_generator: 2, ema_start_step: 0, lr: 1.0e-3}}
 lora: {{enabled: true, rank: 2, alpha: 2.0}}
 run: {{steps: 2, save_every: 1, output_dir: {tmp_path / "run"}, output_name: mylora, device: cpu}}

@@ -10,7 +10,6 @@ from rf_core.schedule import FlowSchedule
 from rf_core.tiny import random_model
 from rf_core.train import checkpointing
 from rf_core.train.ema import EMA
-from rf_core.train.rewards import MotionReward
 from rf_core.train.rollout import sample, training_stream_config
 from rf_core.train.trainer import ReDMDTrainer
 
@@ -140,6 +139,26 @@ def test_full_export_uses_the_ema_and_loads_with_load_dit(tmp_path):
     assert any((ema[n] - p).abs().max() > 0 for n, p in trainer.gen_params.items())  # EMA != raw
 
 
+class FrameDifference:
+    """This test's reward: clamp((m − center) / scale, ±3), m the mean absolute difference of
+    consecutive latent frames' channel means, an absolute motion of the tiny model's latents (the
+    built-in motion reward measures latent motion relative to the latents' spread, which tiny random
+    students, whose frames are nearly independent, already max out)."""
+
+    needs_pixels = False
+
+    def __init__(self, center: float = 0.0, scale: float = 1.0) -> None:
+        self.center, self.scale = center, scale
+
+    @staticmethod
+    def motion(latents: torch.Tensor) -> torch.Tensor:
+        x = latents.float().mean(dim=2)
+        return (x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(dim=1)
+
+    def __call__(self, latents, prompts=()):
+        return ((self.motion(latents) - self.center) / self.scale).clamp(-3.0, 3.0)
+
+
 class StaticOrMoving(nn.Module):
     """A teacher whose data has static and strongly moving videos: its denoised estimate of a sample
     with motion above ``threshold`` doubles the frames' deviation from their mean, of any other
@@ -170,11 +189,11 @@ class NoisyInputCritic(nn.Module):
         return torch.zeros_like(x) + self.offset
 
 
-MOTION = MotionReward(pool=1)
+MOTION = FrameDifference()
 
 
 def test_motion_reward_raises_the_motion_of_generated_samples(tmp_path):
-    """20 LoRA steps with a motion reward raise the motion of samples (same seeds) above the untrained
+    """20 LoRA steps with a reward on motion raise the motion of samples (same seeds) above the untrained
     student's and above plain DMD's (β = 0). Over run seeds 0-7 the ratio to the untrained student was
     1.15-1.48 and the margin over plain DMD at least 0.06; the thresholds leave room below that."""
     prompts = tiny_prompts()
@@ -213,7 +232,7 @@ def test_motion_reward_raises_the_motion_of_generated_samples(tmp_path):
             StaticOrMoving(untrained.median().item()),
             NoisyInputCritic(),
             prompts,
-            reward=MotionReward(center=untrained.mean().item(), scale=0.015, pool=1),
+            reward=FrameDifference(center=untrained.mean().item(), scale=0.015),
         )
         trainer.train()
         results[beta] = motion(trainer.generator).mean().item()

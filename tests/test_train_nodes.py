@@ -11,6 +11,9 @@ TRAIN = dict(
     reward="motion",
     steps=2,
     learning_rate=1e-3,
+    critic_learning_rate=2e-4,
+    batch_size=1,
+    gradient_accumulation=1,
     beta=2.0,
     lora_rank=2,
     output_name="tiny_redmd",
@@ -113,3 +116,41 @@ def test_cancel_keeps_the_checkpoints_and_resume_continues(nodes, monkeypatch, t
         out = node.train(student, student, tiny_prompt_list(), **{**TRAIN, "steps": 3})
     assert 0 < len(calls) < passes_full  # only the missing steps ran
     assert load_lora(out["result"][0]).metadata["rf_train_step"] == "3"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_redmd_train_learning_rates_and_batch_reach_the_trainer(nodes, monkeypatch):
+    """The critic has its own learning rate, 5:1 below the generator's by default as in the paper
+    (2e-6 : 4e-7); batch size and accumulation set the rollouts per optimiser step."""
+    from rf_core.train.trainer import ReDMDTrainer
+
+    required = nodes.train.nodes.RewardForcingReDMDTrain.INPUT_TYPES()["required"]
+    gen_lr, critic_lr = (
+        required["learning_rate"][1]["default"],
+        required["critic_learning_rate"][1]["default"],
+    )
+    assert gen_lr == pytest.approx(5 * critic_lr)
+    assert required["gradient_accumulation"][1]["default"] > 1 and required["batch_size"][1]["default"] >= 1
+
+    seen = {}
+
+    def capture(trainer, on_step=None):
+        seen["trainer"] = trainer
+        raise Stop
+
+    monkeypatch.setattr(ReDMDTrainer, "train", capture)
+    with torch.inference_mode():
+        (student,) = nodes.load.loaders.RewardForcingLoadModel().load("rewardforcing.pt")
+        args = {**TRAIN, "learning_rate": 3e-5, "critic_learning_rate": 7e-6, "batch_size": 2}
+        with pytest.raises(Stop):
+            nodes.train.nodes.RewardForcingReDMDTrain().train(
+                student, student, tiny_prompt_list(), **{**args, "gradient_accumulation": 3}
+            )
+    trainer = seen["trainer"]
+    o = trainer.config.optim
+    assert (o.lr, o.lr_critic, o.batch_size, o.gradient_accumulation) == (3e-5, 7e-6, 2, 3)
+    assert [g["lr"] for g in trainer.gen_opt.param_groups] == [3e-5]
+    assert [g["lr"] for g in trainer.critic_opt.param_groups] == [7e-6]

@@ -70,12 +70,42 @@ def test_gradients_come_only_from_each_chunks_exit_step():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+def test_gradient_window_leaves_earlier_chunks_without_gradients():
+    """With ``grad_frames`` only the last chunks carry gradients (§9.3's window); the values are those
+    of a rollout with gradients everywhere, and no gradient reaches the weights from earlier chunks."""
+    model = random_model("tiny", seed=1)
+    model.requires_grad_(True)
+    prompt = random_prompt("tiny")
+    cfg = training_stream_config()
+    windowed = rollout(model, prompt, LATENT_HW, 9, 2, seed=4, config=cfg, grad=True, grad_frames=6)
+    everywhere = rollout(model, prompt, LATENT_HW, 9, 2, seed=4, config=cfg, grad=True)
+    torch.testing.assert_close(windowed, everywhere, rtol=0, atol=0)
+    params = list(model.parameters())
+    for x, expect_grad in ((windowed, False), (everywhere, True)):
+        grads = torch.autograd.grad(x[:, :3].square().sum(), params, retain_graph=True, allow_unused=True)
+        assert any(g is not None and g.abs().max() > 0 for g in grads) == expect_grad
+    grads = torch.autograd.grad(windowed[:, 3:].square().sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in grads)
+
+
 def test_rollout_rejects_bad_arguments():
     model = random_model("tiny", seed=1)
     with pytest.raises(ValueError, match="multiple of chunk_frames"):
         rollout(model, random_prompt("tiny"), LATENT_HW, 4, 0, 0, training_stream_config(), grad=False)
     with pytest.raises(ValueError, match="exit_step 4"):
         rollout(model, random_prompt("tiny"), LATENT_HW, 3, 4, 0, training_stream_config(), grad=False)
+    with pytest.raises(ValueError, match="grad_frames 4 must be a positive multiple"):
+        rollout(
+            model,
+            random_prompt("tiny"),
+            LATENT_HW,
+            6,
+            0,
+            0,
+            training_stream_config(),
+            grad=True,
+            grad_frames=4,
+        )
 
 
 def test_bf16_cache_under_autocast_with_float32_weights():

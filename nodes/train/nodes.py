@@ -27,6 +27,8 @@ from ..stream.decoders import decoder_stream
 log = logging.getLogger("reward_forcing")
 
 REWARDS = ("motion", "videoalign", "none", "custom")
+# LoRA learning rates: 5x the paper's full-weight 2e-6 / 4e-7, keeping its 5:1 generator:critic ratio
+GENERATOR_LR, CRITIC_LR = 1e-5, 2e-6
 TRAIN_FOLDER = "reward_forcing_train"  # checkpoints and metrics, under ComfyUI's output folder
 
 
@@ -135,12 +137,46 @@ class RewardForcingReDMDTrain:
                 "learning_rate": (
                     "FLOAT",
                     {
-                        "default": 1e-5,
+                        "default": GENERATOR_LR,
                         "min": 0.0,
                         "max": 1e-2,
                         "step": 1e-6,
                         "round": False,
-                        "tooltip": "Generator LoRA learning rate.",
+                        "tooltip": "Generator LoRA learning rate (the paper: 2e-6 for full weights; a LoRA "
+                        "needs about 5x more).",
+                    },
+                ),
+                "critic_learning_rate": (
+                    "FLOAT",
+                    {
+                        "default": CRITIC_LR,
+                        "min": 0.0,
+                        "max": 1e-2,
+                        "step": 1e-7,
+                        "round": False,
+                        "tooltip": "Critic (fake score) learning rate. The paper's generator:critic ratio is "
+                        "5:1 (2e-6 : 4e-7); keep it when changing either.",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 64,
+                        "tooltip": "Rollouts generated together per micro-batch. Memory grows with it; "
+                        "gradient_accumulation does not.",
+                    },
+                ),
+                "gradient_accumulation": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": 64,
+                        "tooltip": "Micro-batches per optimiser step: each step sees batch_size x "
+                        "gradient_accumulation rollouts (the paper: 64, over 8 GPUs) and takes that "
+                        "many times longer.",
                     },
                 ),
                 "beta": (
@@ -205,7 +241,9 @@ class RewardForcingReDMDTrain:
                         "min": 3,
                         "max": 120,
                         "step": 3,
-                        "tooltip": "Frames per rollout (21 = 81 video frames).",
+                        "tooltip": "Latent frames per rollout (21 = 81 video frames). Longer rollouts "
+                        "train on their last 21: earlier chunks are generated without gradients and only "
+                        "set the context.",
                     },
                 ),
                 "seed": (
@@ -232,15 +270,6 @@ class RewardForcingReDMDTrain:
                         "tooltip": "Train the critic through LoRA too (fits smaller GPUs); off = full critic.",
                     },
                 ),
-                "gradient_accumulation": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 64,
-                        "tooltip": "Rollouts per optimiser step (the paper: 64 per step over 8 GPUs).",
-                    },
-                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -253,6 +282,9 @@ class RewardForcingReDMDTrain:
         reward: str,
         steps: int,
         learning_rate: float,
+        critic_learning_rate: float,
+        batch_size: int,
+        gradient_accumulation: int,
         beta: float,
         lora_rank: int,
         output_name: str,
@@ -266,7 +298,6 @@ class RewardForcingReDMDTrain:
         save_every: int = 25,
         resume: bool = True,
         critic_lora: bool = True,
-        gradient_accumulation: int = 1,
         unique_id: str | None = None,
     ):
         from rf_core.train.config import TrainConfig
@@ -296,6 +327,8 @@ class RewardForcingReDMDTrain:
                 "reward": {"kind": reward},
                 "optim": {
                     "lr": learning_rate,
+                    "lr_critic": critic_learning_rate,
+                    "batch_size": batch_size,
                     "gradient_accumulation": gradient_accumulation,
                     "ema_start_step": steps // 3,
                 },
@@ -367,8 +400,14 @@ class RewardForcingReDMDTrain:
             path = trainer.export(lora_path)
             curves = torch.from_numpy(render_curves(trainer.history).astype(np.float32) / 255.0)[None]
             preview = _preview(trainer, train_prompts, hw, decode)
+        rollouts = batch_size * gradient_accumulation
         return {
-            "ui": {"text": [f"trained {trainer.step} steps, saved {os.path.basename(path)}"]},
+            "ui": {
+                "text": [
+                    f"trained {trainer.step} steps ({rollouts} rollout{'s' * (rollouts > 1)} per step), "
+                    f"saved {os.path.basename(path)}"
+                ]
+            },
             "result": (str(path), curves, preview),
         }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rf_core.text.embeddings import WAN_NEGATIVE_PROMPT
 from rf_core.train.lora_train import DEFAULT_TARGETS
+from rf_core.train.rewards import check_reward_kind
 
 
 @dataclass
@@ -37,6 +38,9 @@ class DataConfig:
 @dataclass
 class VideoConfig:
     frames: int = 21  # latent frames per rollout (7 chunks = 81 video frames)
+    # the last grad_frames latent frames of a rollout get gradients and are scored by the teacher,
+    # critic and reward; earlier chunks are generated without gradients (the reference's 21)
+    grad_frames: int = 21
     height: int = 480
     width: int = 832
     denoise_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
@@ -120,6 +124,10 @@ class TrainConfig:
             raise ValueError(
                 f"video.frames {v.frames} must be a positive multiple of chunk_frames {v.chunk_frames}"
             )
+        if v.grad_frames <= 0 or v.grad_frames % v.chunk_frames:
+            raise ValueError(
+                f"video.grad_frames {v.grad_frames} must be a positive multiple of chunk_frames {v.chunk_frames}"
+            )
         for name in ("batch_size", "gradient_accumulation", "critic_steps_per_generator"):
             if getattr(o, name) < 1:
                 raise ValueError(f"optim.{name} must be >= 1, got {getattr(o, name)}")
@@ -129,6 +137,10 @@ class TrainConfig:
             raise ValueError(f"run.export must be 'ema' or 'raw', got {r.export!r}")
         if r.save_every < 1 or r.steps < 1:
             raise ValueError(f"run.steps and run.save_every must be >= 1, got {r.steps} and {r.save_every}")
+        try:
+            check_reward_kind(self.reward.kind)
+        except ValueError as err:
+            raise ValueError(f"reward.kind: {err}") from None
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -149,7 +161,10 @@ class TrainConfig:
                     f"{source}: unknown section {key!r}; expected one of {sorted(cls.__dataclass_fields__)}"
                 )
             sections[key] = _build(cls.__dataclass_fields__[key].default_factory, value, f"{source}: {key}")
-        return cls(**sections)
+        try:
+            return cls(**sections)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def _build(section_cls, value, where: str):

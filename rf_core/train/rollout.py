@@ -82,20 +82,26 @@ def rollout(
     grad: bool,
     cache_dtype: torch.dtype | None = None,
     interrupt: Callable[[], None] | None = None,
+    grad_frames: int | None = None,
 ) -> torch.Tensor:
     """Generate ``num_frames`` latent frames [B, F, C, h, w]. Sample i of the batch draws its noise
     from a generator seeded ``seed + i``. With ``grad``, each chunk's output carries gradients of its
-    exit-step pass only."""
+    exit-step pass only, and with ``grad_frames`` only the chunks of the last ``grad_frames`` frames
+    do: the earlier ones run (to the same exit step) without gradients, as the reference's gradient
+    window (§9.3: gradients from frame total − 21 on)."""
     n = config.chunk_frames
     if num_frames <= 0 or num_frames % n:
         raise ValueError(f"num_frames {num_frames} must be a positive multiple of chunk_frames {n}")
+    if grad_frames is not None and (grad_frames <= 0 or grad_frames % n):
+        raise ValueError(f"grad_frames {grad_frames} must be a positive multiple of chunk_frames {n}")
     steps = len(config.denoise_steps)
     if not 0 <= exit_step < steps:
         raise ValueError(f"exit_step {exit_step} must be in [0, {steps})")
+    first_grad_chunk = 0 if grad_frames is None else max(0, num_frames - grad_frames) // n
     session = make_session(model, prompt_embeds, latent_hw, config, seed, cache_dtype, interrupt)
     chunks = []
-    for _ in range(num_frames // n):
-        x0, slot = session.denoise_chunk(exit_step=exit_step, grad=grad)
+    for c in range(num_frames // n):
+        x0, slot = session.denoise_chunk(exit_step=exit_step, grad=grad and c >= first_grad_chunk)
         session.finish_chunk(x0, slot)
         chunks.append(x0)
     return torch.cat(chunks, dim=1)

@@ -4,7 +4,9 @@ optimisation loop of reference-algorithm.md §9.6, done as intended (§13.17 lis
 One training step = one critic optimiser step over ``gradient_accumulation`` micro-batches; every
 ``critic_steps_per_generator``-th step (starting at step 0) first takes one generator optimiser
 step over as many micro-batches, then updates the EMA. Each optimiser step clips the gradient norm,
-steps once and zeroes the gradients.
+steps once and zeroes the gradients. A rollout longer than ``video.grad_frames`` (21) trains on its
+last ``grad_frames`` latent frames only, as the reference's gradient window: the earlier chunks run
+without gradients, and the teacher, the critic and the reward see the window.
 
 Determinism: every random draw (prompt order, rollout noise, exit step, DMD timestep and noise)
 comes from a generator seeded by (run seed, step, phase, micro-batch, global sample index), so a
@@ -245,15 +247,33 @@ class ReDMDTrainer:
                 grad=grad,
                 cache_dtype=cache_dtype,
                 interrupt=self.interrupt,
+                grad_frames=self.config.video.grad_frames,
             )
+
+    @property
+    def window_start(self) -> int:
+        """First latent frame of a rollout's gradient window (the last ``video.grad_frames``): the
+        teacher, critic and reward see frames from here on; earlier chunks only set the context."""
+        v = self.config.video
+        return max(0, v.frames - v.grad_frames)
 
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
-    def rewards(self, latents: torch.Tensor, texts: Sequence[str]) -> torch.Tensor | None:
-        """Reward of each sample (decoded through ``decoder`` when one is set)."""
+    def rewards(self, latents: torch.Tensor, texts: Sequence[str], first: int = 0) -> torch.Tensor | None:
+        """Reward of each sample on latent frames ``first`` onwards. With a ``decoder`` the whole
+        rollout is decoded (so the window's frames are decoded with their causal context) and the
+        window's video frames are kept: every latent after the first decodes to the same number of
+        frames (4 for the Wan VAE)."""
         if self.reward is None:
             return None
-        frames = self.decoder(latents.detach()) if self.decoder is not None else latents.detach()
+        latents = latents.detach()
+        if self.decoder is None:
+            frames = latents[:, first:]
+        else:
+            frames = self.decoder(latents)
+            if first:
+                per_latent = (frames.shape[1] - 1) // (latents.shape[1] - 1)
+                frames = frames[:, frames.shape[1] - per_latent * (latents.shape[1] - first) :]
         return self.reward(frames, list(texts)).detach().float().reshape(-1).to(self.device)
 
     @torch.no_grad()
@@ -277,8 +297,9 @@ class ReDMDTrainer:
             self._sync_grads(self.generator, micro)
             embeds, texts, seed, positions = self._micro_batch(0, micro)
             e = self._exit_step(0, micro)
-            x = self._rollout(embeds, seed, e, grad=True)
-            r = self.rewards(x, texts)
+            rolled = self._rollout(embeds, seed, e, grad=True)
+            x = rolled[:, self.window_start :]
+            r = self.rewards(rolled, texts, self.window_start)
             w = reward_weights(r, self.config.loss.beta, x.shape[0], self.device)
             g = self._dmd_direction(x, embeds, positions, micro)
             loss = redmd_loss(x, g, w)
@@ -309,7 +330,7 @@ class ReDMDTrainer:
             embeds, _, seed, positions = self._micro_batch(1, micro)
             e = self._exit_step(1, micro)
             with torch.no_grad():
-                x = self._rollout(embeds, seed, e, grad=False)
+                x = self._rollout(embeds, seed, e, grad=False)[:, self.window_start :]
             t, eps = self._score_noise(x, 1, micro, positions)
             x_t = add_noise(self.schedule, x, eps, t)
             self._check()
