@@ -44,7 +44,7 @@ from rf_core.tiny import random_model, random_prompt  # noqa: E402
 FPS = 16.0
 
 
-def make_decoder(kind: str, device: torch.device, dtype: torch.dtype):
+def make_decoder(kind: str, device: torch.device, dtype: torch.dtype, fast: bool = False):
     from rf_core.tiny import randomize_
     from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
     from rf_core.vae.taehv import TAEHV
@@ -53,7 +53,10 @@ def make_decoder(kind: str, device: torch.device, dtype: torch.dtype):
     if kind == "taehv":
         return TAEHVStreamDecoder(randomize_(TAEHV()).to(device, dtype).eval())
     if kind == "wan":
-        return WanStreamDecoder(WanVAE().to(device, dtype).eval().requires_grad_(False))
+        vae = WanVAE().to(device, dtype).eval().requires_grad_(False)
+        if fast:  # as Load Decoder's default speed
+            vae.make_fast()
+        return WanStreamDecoder(vae, latents_per_step=1)
     raise SystemExit(f"unknown decoder {kind!r}: taehv or wan")
 
 
@@ -163,7 +166,7 @@ def main() -> None:
     if args.variant == "fast":
         from rf_core.speed import make_fast
 
-        make_fast(model, attn_backend="auto")
+        make_fast(model, attn_backend="auto", cuda_graphs=cuda)  # as Load Model's default speed
     out = {
         "bench": "live",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -181,7 +184,7 @@ def main() -> None:
         "warmup_chunks": args.warmup,
     }
     for kind in args.decoders.split(","):
-        decoder = make_decoder(kind, device, dtype)
+        decoder = make_decoder(kind, device, dtype, fast=args.variant == "fast")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out[kind] = run_stream(model, cfg, decoder, args, device, dtype)

@@ -23,6 +23,7 @@ from ..common import (
     CATEGORY,
     WAN_FPS,
     check_size,
+    comfy_vae_input,
     model_input,
     recache_widget,
     refuse,
@@ -128,7 +129,7 @@ class RewardForcingLive:
                     "RF_DECODER",
                     {"tooltip": "Decoder from Load Decoder: TAEHV (taew2_1) for speed, or the Wan 2.1 VAE."},
                 ),
-                "vae": ("VAE", {"tooltip": "Or ComfyUI's Wan 2.1 VAE (Load VAE): exact frames, slower."}),
+                "vae": comfy_vae_input("use it instead of a decoder."),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

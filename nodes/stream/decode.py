@@ -7,7 +7,7 @@ import torch
 from rf_core.vae.latent_format import from_comfy_latent
 
 from .. import comfy
-from ..common import CATEGORY
+from ..common import CATEGORY, comfy_vae_input
 from .decoders import decoder_stream
 
 
@@ -38,7 +38,7 @@ class RewardForcingDecode:
                 ),
             },
             "optional": {
-                "vae": ("VAE", {"tooltip": "ComfyUI Wan 2.1 VAE (Load VAE)."}),
+                "vae": comfy_vae_input("decodes the latent chunk by chunk."),
                 "decoder": ("RF_DECODER", {"tooltip": "Our decoder (Load Decoder): Wan VAE or TAEHV."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
