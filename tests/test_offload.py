@@ -1,6 +1,7 @@
 """Block offload (rf_core/model/offload.py) only moves weights: the stream is bit-identical to the
 model without it, whatever the number of resident blocks and slots, after a pass cut short, and compiled."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -92,5 +93,7 @@ def test_offload_refuses_what_it_cannot_do():
         offload_blocks(model, "cpu")
     with pytest.raises(RuntimeError, match=r"for inference: run the model under torch.no_grad\(\)"):
         model.cross_kv(random_prompt(seed=3))
+    with pytest.raises(TypeError, match="cannot be copied: apply LoRAs before the low-vram profile"):
+        copy.deepcopy(model)  # what a LoRA on an unmanaged node model does
     with pytest.raises(ValueError, match="resident >= 0 and slots >= 1, got 0 and 0"):
         offload_blocks(random_model(CFG, seed=5), "cpu", slots=0)

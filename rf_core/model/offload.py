@@ -118,6 +118,12 @@ class BlockOffload:
         self.copies = 0  # block copies made (prefetched or on demand), for tests and benchmarks
         self.current: tuple[int, int] | None = None  # (block, slot) being used by the walk
 
+    def __deepcopy__(self, memo):
+        # a copy would share nothing valid: its blocks' tensors point into this offload's buffers
+        raise TypeError(
+            "a model with offloaded blocks cannot be copied: apply LoRAs before the low-vram profile"
+        )
+
     @property
     def device_bytes(self) -> int:
         """Device memory the blocks take: the resident blocks and the slots."""
