@@ -1,4 +1,4 @@
-"""fp8 for the DiT's linear layers, two ways.
+"""fp8 for the DiT's linear layers, three ways.
 
 - Storage (``store_linears_fp8``): weights kept as float8 e4m3 and cast back to the compute dtype on
   every call: half the weight memory, bf16 maths on the rounded weights. Without scale (the default)
@@ -13,9 +13,9 @@
   quantisation fuses into the kernel before the GEMM, the per-call cost that left ``use_fp8_linears``
   with no speed (docs/benchmarks.md, run 6).
 
-For compute, weights are stored as float8 e4m3 with one scale per tensor (amax / 448); activations are quantised
-per tensor on the fly the same way; the product is accumulated in fp32 and returned in the input dtype
-with the bias added. This changes the numbers (e4m3 keeps 3 mantissa bits): it is a speed option whose
+For ``use_fp8_linears``, weights are stored as float8 e4m3 with one scale per tensor (amax / 448);
+activations are quantised per tensor on the fly the same way; the product is accumulated in fp32 and
+returned in the input dtype with the bias added. This changes the numbers (e4m3 keeps 3 mantissa bits): it is a speed option whose
 output difference is measured (benchmarks/accuracy_check.py), never a default.
 """
 
