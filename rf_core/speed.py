@@ -32,6 +32,11 @@ def make_fast(
         gelu_epilogue: on CUDA, the FFN's GELU runs in the up-projection GEMM's epilogue (GELU of
             the float32 accumulator instead of the bf16-rounded output: within bf16 rounding).
     """
+    if cuda_graphs and model.offload is not None:
+        raise ValueError(
+            "CUDA graphs cannot follow block offload (its copies and weight pointers change during a pass); "
+            "pass cuda_graphs=False"
+        )
     if fp8:
         from rf_core.model.fp8 import use_fp8_linears
 

@@ -3,6 +3,10 @@
 "auto" picks FlashAttention-3 (Hopper) or -2 when importable and the tensors are on CUDA, else
 PyTorch SDPA (cuDNN kernel preferred on CUDA: at the chunk shapes it measured ~1.8x the flash SDPA
 kernel on an H100, see performance notes). Every backend preserves the input dtype.
+
+"sage" (the turbo profile, opt-in: it changes the output) is SageAttention's quantised kernel from the
+``sageattention`` package (INT8 Q and K with K smoothed per block, half-precision P and V): CUDA only, no
+mask. Its error against exact attention is what rf_core/profiles.py bounds and benchmarks measure.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash2", "flash3", "math")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash2", "flash3", "math", "sage")
+SAGE_PACKAGE = "sageattention"
 
 
 @cache
@@ -26,11 +31,21 @@ def _flash_fn(version: int):
     return getattr(mod, "flash_attn_func", None)
 
 
+@cache
+def _sage_fn():
+    try:
+        mod = importlib.import_module(SAGE_PACKAGE)
+    except Exception:
+        return None
+    return getattr(mod, "sageattn", None)
+
+
 def available_backends() -> list[str]:
     out = ["sdpa", "math"]
     if torch.cuda.is_available():
         out.append("cudnn")
         out += [f"flash{v}" for v in (2, 3) if _flash_fn(v) is not None]
+        out += ["sage"] if _sage_fn() is not None else []
     return out
 
 
@@ -40,6 +55,11 @@ def check_backend(name: str) -> str:
     if name in ("flash2", "flash3") and _flash_fn(int(name[-1])) is None:
         pkg = "flash_attn_interface (FlashAttention-3)" if name == "flash3" else "flash_attn"
         raise ValueError(f"attention backend {name!r} needs the {pkg} package, which is not importable")
+    if name == "sage" and _sage_fn() is None:
+        raise ValueError(
+            f"attention backend 'sage' needs the {SAGE_PACKAGE} package (pip install {SAGE_PACKAGE}), "
+            "which is not importable"
+        )
     return name
 
 
@@ -65,11 +85,15 @@ def attention(
 ) -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(D). ``mask``: bool [Lq, Lk] (True = attend) or None."""
     kind = _resolve(backend, q, mask is not None)
-    if kind in ("flash2", "flash3"):
+    if kind in ("flash2", "flash3", "sage"):
         if mask is not None:
             raise ValueError(f"attention backend {kind} does not take a mask; use 'sdpa'")
+        if kind == "sage" and not q.is_cuda:
+            raise ValueError("attention backend 'sage' runs on CUDA tensors only; use 'sdpa' on the CPU")
         dtype = q.dtype
         half = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        if kind == "sage":  # [B, L, H, D] is its "NHD" layout; scale 1/sqrt(D) is its default
+            return _sage_fn()(q.to(half), k.to(half), v.to(half), tensor_layout="NHD").to(dtype)
         out = _flash_fn(int(kind[-1]))(q.to(half), k.to(half), v.to(half))
         out = out[0] if isinstance(out, tuple) else out
         return out.to(dtype)

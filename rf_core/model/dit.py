@@ -8,7 +8,7 @@ float32 then cast back, modulation and gating in the model dtype, RoPE in float6
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rf_core.config import DiTConfig
 from rf_core.model.attention import attention, check_backend
+from rf_core.model.fp8 import saturate
 from rf_core.model.rope import RopeTables, apply_rope
 
 CrossKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -134,8 +135,8 @@ class WanBlock(nn.Module):
         """``pre_attention`` writing the roped keys and the values into the cache slot views; returns
         the roped queries. Compiled, the writes are stores of the kernels that compute k and v."""
         q, _, k, v = self._qkv(x, e0, cos, sin)
-        k_out.copy_(k)
-        v_out.copy_(v)
+        k_out.copy_(saturate(k, k_out.dtype))  # a float8 cache (low-vram profile) saturates
+        v_out.copy_(saturate(v, v_out.dtype))
         return q
 
     def post_attention(
@@ -240,6 +241,9 @@ class WanDiT(nn.Module):
         # stream defaults, switched by rf_core.speed.make_fast (see SinkKVCache / StreamSession)
         self.key_storage = "raw"
         self.cuda_graphs = False
+        self.kv_dtype: torch.dtype | None = None  # KV cache storage (None: the model's); rf_core.profiles
+        # rf_core.model.offload.BlockOffload when the blocks' weights live on the host (low-vram profile)
+        self.offload = None
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
@@ -259,6 +263,11 @@ class WanDiT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    def walk_blocks(self) -> Iterator[WanBlock]:
+        """The blocks in order, each with its weights on the compute device while it is being used
+        (with block offload they are copied there one by one, see rf_core/model/offload.py)."""
+        return iter(self.blocks) if self.offload is None else self.offload.walk()
 
     def compile_blocks(self, **kwargs) -> None:
         """torch.compile the pure-tensor parts of every block (attention and cache writes stay eager,
@@ -308,7 +317,7 @@ class WanDiT(nn.Module):
     def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-block cross-attention keys/values of a prompt (computed once per prompt)."""
         ctx = self.embed_text(context)
-        return [blk.cross_attn.context_kv(ctx) for blk in self.blocks]
+        return [blk.cross_attn.context_kv(ctx) for blk in self.walk_blocks()]
 
     def time_embed(self, t: torch.Tensor, batch: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B] or [B, f] -> e [B, f, dim], e0 [B, f, 6, dim]. A [B] timestep is embedded once per
@@ -351,7 +360,7 @@ class WanDiT(nn.Module):
         last = len(self.blocks) - 1
         # compiled graphs call plain SDPA for the 512-key cross-attention (no backend context manager)
         plan.cross_backend = "sdpa" if self.compiled and not plan.eager else self.attn_backend
-        for i, blk in enumerate(self.blocks):
+        for i, blk in enumerate(self.walk_blocks()):
             kv_only = not need_output and i == last
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, e0, cross[i], plan, i, kv_only, use_reentrant=False)

@@ -16,6 +16,12 @@ policy, blending them into the sink), every pass of the chunk writes its keys in
 slot part of the window. Only ``begin_chunk`` and ``commit`` change what later chunks see, and
 ``begin_chunk`` runs once per chunk, so an interrupted chunk can simply be run again.
 
+Storage dtype: the cache may keep keys and values in a smaller dtype than the model computes in
+(``storage_dtype``, e.g. float8 e4m3 for the low-vram profile: half the memory). Writes saturate to its
+range; every read (the attention window, eviction's blend and rotations) is upcast to the compute dtype
+first, so the attention kernels and the arithmetic see the model's dtype. With the default (the compute
+dtype) the upcasts are no-ops and nothing changes.
+
 Policies (reference-algorithm.md §2): ``ema`` = Reward Forcing's EMA-Sink; ``static`` = frozen first
 frames (Self-Forcing/LongLive); ``none`` = plain sliding window; ``global`` = no eviction up to
 ``max_frames``. Generalisations of the reference (documented in docs/api.md):
@@ -33,6 +39,7 @@ import torch
 
 from rf_core.config import StreamConfig
 from rf_core.model.dit import AttentionPlan
+from rf_core.model.fp8 import saturate
 from rf_core.model.rope import apply_rope, frame_shift
 
 KEY_STORAGES = ("raw", "roped")
@@ -58,9 +65,11 @@ class SinkKVCache:
         key_storage: str = "raw",
         rope_dtype: torch.dtype = torch.float64,
         fused: bool = False,
+        storage_dtype: torch.dtype | None = None,
     ) -> None:
         """``fused``: rotate moved keys with one compiled kernel per call (for compiled models): the
-        float32 intermediates of eager RoPE over every layer's window would cost GiBs and ~15 ms."""
+        float32 intermediates of eager RoPE over every layer's window would cost GiBs and ~15 ms.
+        ``storage_dtype``: dtype the keys and values are kept in (default ``dtype``, the compute dtype)."""
         if key_storage not in KEY_STORAGES:
             raise ValueError(f"key_storage must be one of {KEY_STORAGES}, got {key_storage!r}")
         self.config = config
@@ -73,9 +82,10 @@ class SinkKVCache:
         self.capacity = config.cache_frames
         self.sink = config.effective_sink_frames
         self.alpha = config.ema_alpha
+        self.dtype = dtype
         shape = (num_layers, batch, self.capacity * frame_tokens, num_heads, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=storage_dtype or dtype)
+        self.v = torch.zeros(shape, device=device, dtype=storage_dtype or dtype)
         self.reset()
 
     def reset(self) -> None:
@@ -92,6 +102,14 @@ class SinkKVCache:
 
     def _tok(self, frames: int) -> int:
         return frames * self.frame_tokens
+
+    def load(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored keys or values in the compute dtype (a no-op unless the storage is smaller)."""
+        return x.to(self.dtype)
+
+    def store(self, dst: torch.Tensor, x: torch.Tensor) -> None:
+        """Write computed keys or values into the buffer (saturating into a float8 storage)."""
+        dst.copy_(saturate(x, dst.dtype))
 
     def begin_chunk(self, n: int) -> tuple[int, int]:
         """Reserve a slot for a new chunk of ``n`` frames, evicting as needed. Idempotent while a
@@ -134,12 +152,16 @@ class SinkKVCache:
                     slot = (self.evicted_total + j) % z
                     s, src = frame(slot), frame(z + j)
                     # same expression and rounding as the reference: a*sink + (1-a)*evicted
-                    evicted = self._moved(k[:, :, src], slot - (z + j))
-                    k[:, :, s] = a * k[:, :, s] + (1 - a) * evicted
-                    v[:, :, s] = a * v[:, :, s] + (1 - a) * v[:, :, src]
+                    evicted = self._moved(self.load(k[:, :, src]), slot - (z + j))
+                    self.store(k[:, :, s], a * self.load(k[:, :, s]) + (1 - a) * evicted)
+                    self.store(v[:, :, s], a * self.load(v[:, :, s]) + (1 - a) * self.load(v[:, :, src]))
             for i in range(keep):
-                k[:, :, frame(z + i)] = self._moved(k[:, :, frame(z + e + i)], -e)
-                v[:, :, frame(z + i)] = v[:, :, frame(z + e + i)]
+                dst, src = frame(z + i), frame(z + e + i)
+                if self.roped:
+                    self.store(k[:, :, dst], self._moved(self.load(k[:, :, src]), -e))
+                else:  # raw keys do not change when they move: a plain copy in the storage dtype
+                    k[:, :, dst] = k[:, :, src]
+                v[:, :, dst] = v[:, :, src]
         if self.config.sink_policy == "ema" and z > 0:
             for j in range(e):
                 self.frame_ids[(self.evicted_total + j) % z] = None
@@ -200,7 +222,8 @@ class CachePlan(AttentionPlan):
         if self.grad:
             layers = range(cache.k.shape[0])
             self.prefix = [
-                (cache.k[i, :, : self.lo].clone(), cache.v[i, :, : self.lo].clone()) for i in layers
+                (cache.load(cache.k[i, :, : self.lo]).clone(), cache.load(cache.v[i, :, : self.lo]).clone())
+                for i in layers
             ]
 
     def _window_keys(self, prefix: torch.Tensor, k_roped: torch.Tensor) -> torch.Tensor:
@@ -218,7 +241,8 @@ class CachePlan(AttentionPlan):
 
     def window(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values to attend over once the slot holds this pass's keys (``slot_views``)."""
-        return self.cache.k[layer, :, : self.hi], self.cache.v[layer, :, : self.hi]
+        c = self.cache
+        return c.load(c.k[layer, :, : self.hi]), c.load(c.v[layer, :, : self.hi])
 
     def keys_values(
         self, layer: int, k: torch.Tensor, k_roped: torch.Tensor, v: torch.Tensor
@@ -230,12 +254,12 @@ class CachePlan(AttentionPlan):
             return self._window_keys(pk, k_roped), torch.cat([pv, v.to(pv.dtype)], 1)
         # raw storage (with roped storage the block writes into ``slot_views`` and never gets here)
         c = self.cache
-        c.k[layer, :, self.lo : self.hi] = k
-        c.v[layer, :, self.lo : self.hi] = v
-        values = c.v[layer, :, : self.hi]
+        c.store(c.k[layer, :, self.lo : self.hi], k)
+        c.store(c.v[layer, :, self.lo : self.hi], v)
+        values = c.load(c.v[layer, :, : self.hi])
         if self.lo == 0:
             return k_roped, values
-        return self._window_keys(c.k[layer, :, : self.lo], k_roped), values
+        return self._window_keys(c.load(c.k[layer, :, : self.lo]), k_roped), values
 
 
 @functools.cache
