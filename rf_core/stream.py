@@ -98,8 +98,14 @@ class StreamSession:
             key_storage=key_storage or model.key_storage,
             rope_dtype=model.rope.dtype,
             fused=model.compiled,
+            storage_dtype=model.kv_dtype,
         )
         use_graphs = model.cuda_graphs if cuda_graphs is None else cuda_graphs
+        if use_graphs and getattr(model, "offload", None) is not None:
+            raise ValueError(
+                "cuda_graphs cannot replay a model whose blocks are offloaded (the low-vram profile): "
+                "the copies that bring each block in depend on host-side state a graph cannot see"
+            )
         self.graphs = PassGraphs(model) if use_graphs and self.device.type == "cuda" else None
         self.seed = seed
         self._prompt: torch.Tensor

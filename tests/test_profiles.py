@@ -13,7 +13,6 @@ from _vae_helpers import tiny_vae
 from rf_core.config import StreamConfig, get_preset
 from rf_core.model import attention, fp8
 from rf_core.model.fp8 import store_linears_fp8
-from rf_core.model.kv_cache import SinkKVCache
 from rf_core.profiles import ERROR_BOUNDS, PROFILES, apply_profile, profile_decoder
 from rf_core.speed import make_fast
 from rf_core.stream import StreamSession
@@ -39,16 +38,7 @@ def model(**kw):
 
 
 def session(m):
-    s = StreamSession(m, random_prompt(seed=3), HW, CONFIG, seed=9)
-    if s.cache.k.dtype != (m.kv_dtype or s.dtype):
-        # StreamSession does not read model.kv_dtype yet: the same cache with the profile's storage
-        c = s.cache
-        s.cache = SinkKVCache(
-            m.cfg.num_layers, 1, c.frame_tokens, m.cfg.num_heads, m.cfg.head_dim, s.config, s.device,
-            s.dtype, key_storage=m.key_storage, rope_dtype=m.rope.dtype, fused=m.compiled,
-            storage_dtype=m.kv_dtype,
-        )  # fmt: skip
-    return s
+    return StreamSession(m, random_prompt(seed=3), HW, CONFIG, seed=9)
 
 
 def stream(m, chunks=CHUNKS):
