@@ -88,7 +88,14 @@ class RFModel:
     def with_lora(self, lora, name: str, strength: float) -> RFModel:
         """A new handle with ``lora`` (an ``rf_core.lora.Lora``) added at ``strength``; this one is unchanged."""
         from rf_core.lora import lora_param_deltas, merge_lora
+        from rf_core.profiles import profile_of
 
+        applied = profile_of(self.dit)
+        if applied is not None and applied.name != "quality":
+            raise ValueError(
+                f"{name}: a LoRA needs the model's bf16 weights, but it was loaded with the {applied.name} "
+                "profile (fp8 or offloaded weights): load it with profile quality to use LoRAs"
+            )
         spec = LoraSpec(name, float(strength))
         # Checks that every LoRA layer fits a parameter of this model before anything changes.
         deltas = lora_param_deltas(lora, {k: p.shape for k, p in self.dit.named_parameters()})

@@ -423,6 +423,37 @@ def test_session_registry_memory_cap_and_free(nodes):
 
 
 # ----------------------------------------------------------------------------- loading
+def test_load_model_profiles(nodes, rf_model_dir, monkeypatch):
+    """low-vram streams its fp8 blocks from host memory (outside ComfyUI's memory manager) and gives
+    the quality output within its documented bound; turbo names what it needs; LoRAs refuse both."""
+    from safetensors.torch import save_file
+
+    from rf_core.profiles import ERROR_BOUNDS
+
+    loader = nodes.load.loaders.RewardForcingLoadModel()
+    quality = load_model(nodes, dtype="fp32", placement="auto")
+    (low,) = loader.load("rewardforcing.pt", dtype="fp32", profile="low-vram")
+    assert low.dit.offload is not None and low.managed.patcher is None
+    assert low.dit.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    gen = nodes.stream.generate.RewardForcingStreamGenerate()
+    want = gen.generate(quality, cond(), **{**GEN, "length": 21})["result"][0]["samples"]
+    got = gen.generate(low, cond(), **{**GEN, "length": 21})["result"][0]["samples"]
+    assert 0 < ((got - want).norm() / want.norm()).item() < ERROR_BOUNDS["low-vram"]
+
+    monkeypatch.setitem(__import__("sys").modules, "sageattention", None)
+    with pytest.raises(ValueError, match="sageattention"):
+        loader.load("rewardforcing.pt", dtype="fp32", profile="turbo")
+    with pytest.raises(ValueError, match="profile low-vram needs speed fast"):
+        loader.load("rewardforcing.pt", speed="reference", profile="low-vram")
+    save_file(
+        {"diffusion_model.blocks.1.self_attn.q.lora_A.weight": torch.zeros(4, 256),
+         "diffusion_model.blocks.1.self_attn.q.lora_B.weight": torch.zeros(256, 4)},
+        rf_model_dir / "loras" / "tiny.safetensors",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="tiny.safetensors: a LoRA needs the model's bf16 weights.*low-vram"):
+        nodes.load.loaders.RewardForcingLoRA().apply(low, "tiny.safetensors", 1.0)
+
+
 def test_lora_node_patches_a_copy_and_keeps_the_loaded_model(nodes, rf_model_dir):
     from safetensors.torch import save_file
 

@@ -14,6 +14,7 @@ from rf_core.config import PRESETS
 from rf_core.io.formats import looks_like_lora
 from rf_core.io.safe_load import CheckpointError, read_tensor_file
 from rf_core.model.attention import BACKENDS
+from rf_core.profiles import PROFILES
 
 from .. import comfy
 from ..common import CATEGORY, has_triton
@@ -215,6 +216,18 @@ class RewardForcingLoadModel:
                         "same results within bf16 rounding. reference: the reference's exact arithmetic.",
                     },
                 ),
+                "profile": (
+                    list(PROFILES),
+                    {
+                        "default": "quality",
+                        "tooltip": "quality: the bf16 path above, placed by ComfyUI. low-vram: block weights "
+                        "stored in fp8 and streamed from host memory block by block (for 8-16 GB cards; "
+                        "output within about 5% of quality; no CUDA graphs, no LoRA). turbo: quantised "
+                        "attention (sageattention) and fp8 GEMMs (torchao), opt-in, output within about 5% "
+                        "of quality. low-vram and turbo keep the model where they put it (outside ComfyUI's "
+                        "memory manager) and need speed fast. docs/benchmarks.md has the measured figures.",
+                    },
+                ),
             },
         }
 
@@ -225,13 +238,21 @@ class RewardForcingLoadModel:
         attention: str = "auto",
         placement: str = "auto",
         speed: str = "fast",
+        profile: str = "quality",
     ):
         from rf_core.io.checkpoints import load_dit
 
         path = comfy.full_path(MODEL_FOLDERS, model_name)
         if speed not in SPEEDS:
             raise ValueError(f"speed must be one of {list(SPEEDS)}, got {speed!r}")
-        source = _source(path, "dit", dtype, attention, placement, speed)
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+        if profile != "quality" and (speed != "fast" or dtype == FP8 or placement == "cpu"):
+            raise ValueError(
+                f"profile {profile} needs speed fast, a dtype other than {FP8} (it chooses its own weight "
+                f"storage) and placement auto; got speed {speed}, dtype {dtype}, placement {placement}"
+            )
+        source = _source(path, "dit", dtype, attention, placement, speed, profile)
         cached = _LOADED.get(source)
         if cached is not None:
             return (cached,)
@@ -250,10 +271,17 @@ class RewardForcingLoadModel:
             from rf_core.model.fp8 import store_linears_fp8
 
             store_linears_fp8(dit)
-        if speed == "fast":
+        cuda = compute.type == "cuda"
+        if profile != "quality":
+            from rf_core.profiles import apply_profile
+
+            # Offloaded blocks and quantised kernels stay where the profile put them: ComfyUI moving
+            # the model as a whole would undo them.
+            apply_profile(dit, profile, compute, compile=cuda and has_triton())
+            managed = False
+        elif speed == "fast":
             from rf_core.speed import make_fast
 
-            cuda = compute.type == "cuda"
             make_fast(dit, compile=cuda and has_triton(), cuda_graphs=cuda)
         handle = RFModel(Managed.wrap(dit, managed), model_name, source)
         _LOADED[source] = handle
