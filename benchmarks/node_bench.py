@@ -18,8 +18,9 @@ The CLIP is a full-size umT5-XXL with random weights on the GPU: its encode time
 latency, and its 10.6 GiB of weights are left out of every peak memory figure (ComfyUI owns and
 places the text encoder).
 
-FPS = video frames / wall time of the node (or stream); TTFF = start to the first decoded frames on
-the host (the node's first preview); switch latency = request to the moment the first chunk under
+FPS = video frames / wall time of the node (or stream); for Live, the sustained rate between chunk
+events after 4 warm-up chunks (switches included); TTFF = start to the first decoded frames on the
+host (the node's first preview); switch latency = request to the moment the first chunk under
 the new prompt is sent to the page (JPEG-encoded), which the player shows at its next frame.
 
     python benchmarks/node_bench.py --ref-json ref.json --out node.json
@@ -296,12 +297,15 @@ def live_row(pack, model, decoder, clip, args, warmup_chunks: int) -> dict:
     live.page_sender = lambda sid=None: page
     rng = random.Random(0)
     stop = threading.Event()
+    seen: dict = {}
 
     def switcher() -> None:
         words = ["fox", "river", "city", "forest", "desert", "ocean", "storm", "night"]
         n = 0
         while not stop.is_set() and n < args.switches:
             running = routes.LIVE_SESSIONS.running()
+            if running:
+                seen["sid"] = running[0].session_id
             if not running or len(sent) < warmup_chunks:
                 time.sleep(0.01)
                 continue
@@ -346,6 +350,10 @@ def live_row(pack, model, decoder, clip, args, warmup_chunks: int) -> dict:
         "encode_ms_median": round(1000 * statistics.median(clip.encode_seconds), 1),
         "peak_gib": peak_gib(minus=clip.nbytes),
         "recording": bool(out["ui"]["rf_live_recording"]),
+        "chunks_made": (routes.LIVE_SESSIONS.final_status(seen["sid"]) or {}).get("chunks") if seen else None,
+        "chunks_sent": len(
+            sent
+        ),  # fewer than made: the page sender dropped chunks (it keeps at most 2 queued)
     }
 
 
@@ -372,6 +380,10 @@ def main() -> None:
     p.add_argument("--ref-json", help="refbench.py output of the same command, for the ratio")
     p.add_argument("--out", help="write all rows as JSON here")
     args = p.parse_args()
+    if args.live_chunks < 6:
+        p.error(
+            f"--live-chunks must be at least 6 (4 warm-up chunks, then a steady rate), got {args.live_chunks}"
+        )
     frames_list = args.frames or [81, 477]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -155,6 +155,10 @@ class _AcquiringStream:
             return 0
         return elements() * next(self.managed.module.parameters()).element_size()
 
+    def prepare(self, z: torch.Tensor) -> None:
+        """Load the weights (on the caller's stream; see rf_core.pipeline.AsyncDecoder)."""
+        self.managed.acquire()
+
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
         module = self.managed.acquire()
         p = next(module.parameters())

@@ -7,6 +7,7 @@ On CPU everything runs in order; results are the same either way.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,7 +31,9 @@ class AsyncDecoder:
     """Wraps a streaming decoder (``decode_chunk(z) -> [B, F, 3, H, W]`` in [0, 1]), or None.
 
     ``submit(z)`` queues a chunk; ``pop()`` returns the oldest queued chunk, waiting only for that
-    chunk's work; ``result()`` is ``pop().frames``.
+    chunk's work; ``result()`` is ``pop().frames``. A decoder with a ``prepare(z)`` method gets it
+    called on the caller's stream before the decode is queued on the side stream: weight loads (a
+    memory manager moving models) then stay ordered with the main stream's work.
 
     frames_dtype: torch.uint8 (rounded as ``round_to_uint8``) or torch.float32 (as decoded).
     keep_latents: also bring each chunk's latents to the host (as float32).
@@ -50,7 +53,7 @@ class AsyncDecoder:
         self.frames_dtype = frames_dtype
         self.keep_latents = keep_latents
         self.cuda = self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        self.side = _side_stream(self.device) if self.cuda else None
         self.pending: deque = deque()
 
     def reset(self) -> None:
@@ -67,13 +70,18 @@ class AsyncDecoder:
         return rgb.to(self.frames_dtype).permute(0, 1, 3, 4, 2)
 
     def submit(self, z: torch.Tensor) -> None:
+        prepare = getattr(self.decoder, "prepare", None)
+        if prepare is not None:
+            prepare(z)
         if not self.cuda:
             frames = self._host_frames(z)
             latents = z.detach().to("cpu", torch.float32) if self.keep_latents else None
             self.pending.append(DecodedChunk(None if frames is None else frames.contiguous(), latents))
             return
         main = torch.cuda.current_stream(self.device)
-        self.side.wait_stream(main)  # z is complete before the side stream reads it
+        self.side.wait_stream(
+            main
+        )  # z (and any weights just loaded) are complete before the side stream reads them
         z.record_stream(self.side)
         with torch.cuda.stream(self.side):
             frames = self._host_frames(z)
@@ -106,3 +114,9 @@ class AsyncDecoder:
 
     def drain(self) -> list[torch.Tensor]:
         return [self.result() for _ in range(len(self.pending))]
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One decode stream per device, so its memory pool is reused from stream to stream."""
+    return torch.cuda.Stream(device)

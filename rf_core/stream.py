@@ -113,6 +113,7 @@ class StreamSession:
         self._cross_stale = True
         self._deferred: tuple[torch.Tensor, tuple[int, int]] | None = None
         self._recache_due = False
+        self._window_recached = False  # the pending chunk's window was re-cached (see set_prompt)
         self.set_prompt(prompt_embeds)
         self.reset(seed)
 
@@ -124,6 +125,7 @@ class StreamSession:
         self.cache.reset()
         self._deferred = None
         self._recache_due = False
+        self._window_recached = False
         gen_device = self.device if self.device.type != "meta" else "cpu"
         self.generators = [torch.Generator(gen_device).manual_seed(self.seed + i) for i in range(self.batch)]
         self._chunk_rng: list[torch.Tensor] | None = None
@@ -155,7 +157,8 @@ class StreamSession:
         eviction: frames about to leave the window are not re-run, in the default configuration the
         pass has the shape of a chunk (so compiled models and CUDA graphs reuse theirs), and a chunk
         abandoned part-way for a switch leaves the session exactly as a switch between chunks would.
-        The latest call decides whether the re-cache runs."""
+        The latest call decides whether the re-cache runs, except after a chunk abandoned once its window
+        was re-cached: the old keys are gone, so the window is re-cached under the newest prompt."""
         cfg = self.model.cfg
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
             raise ValueError(
@@ -172,7 +175,8 @@ class StreamSession:
         self.flush()  # the pending refresh belongs to the old prompt
         self._prompt = prompt_embeds.to(self.device, self.dtype).expand(self.batch, -1, -1)
         self._cross_stale = True
-        self._recache_due = recache
+        # A chunk abandoned after its window was re-cached cannot get the old keys back: re-cache again.
+        self._recache_due = recache or self._window_recached
 
     def _cross_kv(self) -> list:
         if torch.is_grad_enabled():
@@ -246,6 +250,7 @@ class StreamSession:
         if self._recache_due:  # still due when a cancelled chunk is retried: the pass is redone
             self._recache()
             self._recache_due = False
+            self._window_recached = True
         return slot
 
     def denoise_chunk(
@@ -294,6 +299,7 @@ class StreamSession:
         first = self.cache.next_frame
         self.cache.commit()
         self._chunk_rng = None
+        self._window_recached = False
         for j in range(x0.shape[1]):
             self.recent.append((first + j, x0[:, j].detach()))
 

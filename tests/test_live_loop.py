@@ -204,6 +204,34 @@ def test_stop_during_a_chunk_drops_that_chunk_within_one_pass(tmp_path):
     assert read_video_frames(tmp_path / "a.mp4").shape[0] == 9
 
 
+def test_cancel_during_a_prompt_switch_is_not_taken_for_a_refused_prompt():
+    """ComfyUI's Cancel check clears its flag as it raises: raised while a switch flushes the last
+    chunk's refresh, it must end the run, not be reported as a failed switch and lost."""
+
+    class Cancelled(Exception):
+        pass
+
+    rec = Recorder()
+    armed = {"on": False}
+
+    def interrupt():
+        if armed["on"]:
+            armed["on"] = False  # one-shot, like ComfyUI's flag
+            raise Cancelled
+
+    loop = make_loop(rec, max_chunks=6, interrupt=interrupt)
+
+    def switch_then_cancel():
+        loop.request_prompt("a dog")
+        armed["on"] = True  # the next pass is chunk 0's deferred refresh, run by the switch
+
+    rec.hooks[0] = switch_then_cancel
+    with pytest.raises(Cancelled):
+        loop.run()
+    assert not [p for name, p in rec.events if name == "error"]
+    assert rec.events[-1][1]["stopped_by"] == "cancel"
+
+
 def test_cancel_propagates_and_still_finishes_the_recording(tmp_path):
     class Cancelled(Exception):
         pass

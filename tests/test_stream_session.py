@@ -244,3 +244,34 @@ def test_wrong_noise_shape_is_rejected(model):
     s = StreamSession(model, random_prompt(), HW)
     with pytest.raises(ValueError, match="noise must be"):
         s.next_chunk(noise=torch.zeros(1, 2, 16, *HW))
+
+
+def test_switch_without_recache_after_an_abandoned_recached_chunk_recaches_again(model):
+    """Once an abandoned chunk's window was re-cached under a prompt, its old keys are gone: a newer
+    switch re-caches the window under its own prompt even if it asked for no re-cache."""
+    p1, p2, p3 = (random_prompt(seed=i) for i in (1, 2, 3))
+    between = StreamSession(model, p1, HW, seed=2)
+    for _ in range(4):
+        between.next_chunk()
+    between.set_prompt(p3, recache=True)
+    expected = between.next_chunk()
+
+    abandoned = StreamSession(model, p1, HW, seed=2)
+    for _ in range(4):
+        abandoned.next_chunk()
+    abandoned.set_prompt(p2, recache=True)
+    calls = {"n": 0}
+
+    def switch_requested():
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the re-cache and the first denoising pass
+            raise _Abandon
+
+    abandoned.interrupt = switch_requested
+    with pytest.raises(_Abandon):
+        abandoned.next_chunk()
+    abandoned.interrupt = None
+    abandoned.set_prompt(p3, recache=False)
+    assert torch.equal(abandoned.next_chunk(), expected)
+    for a, b in zip(_cache_state(abandoned), _cache_state(between)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

@@ -277,8 +277,8 @@ class LiveLoop:
                 if not self._wait_until_due():
                     stopped_by = "stop"
                     break
-                switch_at = self._apply_pending_prompt()
                 try:
+                    switch_at = self._apply_pending_prompt()
                     self._generate(switch_at)
                 except _SwitchRequested:
                     continue  # the newer prompt is applied and the chunk generated again under it
@@ -353,6 +353,10 @@ class LiveLoop:
         if pending is None:
             return None
         text, version, requested_at, recache = pending
+        # The last chunk's deferred refresh belongs to the old prompt; it runs here, outside the
+        # handler below, so that Stop and Cancel raised before its pass are never taken for a
+        # refused prompt.
+        self.session.flush()
         try:
             embeds = self.encode_prompt(text)
             self.session.set_prompt(embeds, recache=recache)

@@ -218,18 +218,24 @@ def clip_encoder(clip, model: RFModel, state_bytes: int) -> Callable[[str], torc
 
 
 class _KeepModelLoaded:
-    """Decoder stream that makes sure the DiT is still loaded after the decoder took its turn on the
-    device (ComfyUI may unload one model to load another when memory is short)."""
+    """Decoder stream whose ``prepare`` (called by the live loop's AsyncDecoder before each decode)
+    loads the decoder and then makes sure the DiT is loaded too (ComfyUI may unload one model to load
+    another when memory is short)."""
 
     def __init__(self, inner, model: RFModel, state_bytes: int) -> None:
         self.inner = inner
         self.model = model
         self.state_bytes = state_bytes
 
-    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.inner.decode_chunk(z)
+    def prepare(self, z: torch.Tensor) -> None:
+        """Both models loaded, on the caller's stream, before the decode is queued on its own stream."""
+        inner = getattr(self.inner, "prepare", None)
+        if inner is not None:
+            inner(z)
         self.model.acquire(self.state_bytes)
-        return out
+
+    def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode_chunk(z)
 
     def reset(self) -> None:
         self.inner.reset()

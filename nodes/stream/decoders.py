@@ -6,7 +6,7 @@ stream and feeds the decoder latent frame by latent frame, as ``WanVAE.decode`` 
 single call, which gives exactly the frames of a whole-video decode.
 
 On CUDA with Triton a ComfyUI Wan VAE is decoded by our fast decoder instead (``WanVAE.make_fast``:
-compiled, sub-pixel upsampling), built once from a copy of that VAE's decoder weights and placed by
+compiled, sub-pixel upsampling), built once from a copy of that VAE's weights and placed by
 ComfyUI's memory manager like a Load Decoder file: ComfyUI's own decoder runs eagerly at about half
 the speed (docs/benchmarks.md). Same weights, same frames within bf16 rounding.
 """
@@ -50,6 +50,10 @@ class ComfyVAEStream:
     def nbytes(self) -> int:
         """Memory of the feature cache (about 1.9 GB in bf16 at 832x480)."""
         return sum(t.numel() * t.element_size() for t in self._feat or () if isinstance(t, torch.Tensor))
+
+    def prepare(self, z: torch.Tensor) -> None:
+        """Load the VAE (on the caller's stream; see rf_core.pipeline.AsyncDecoder)."""
+        comfy.vae_load(self.vae, (z.shape[0], z.shape[2], z.shape[1], *z.shape[3:]))
 
     @torch.no_grad()
     def decode_chunk(self, z: torch.Tensor) -> torch.Tensor:
@@ -102,7 +106,8 @@ def _fast_decoder_for(vae, identity: tuple) -> RFDecoder | None:
     device = getattr(vae, "device", None)
     if device is None or not fast_decoding_available(torch.device(device)):
         return None
-    key = (identity, getattr(vae, "vae_dtype", None))
+    # The object too: a fingerprint samples a few weights, and ComfyUI makes a new object per load.
+    key = (id(vae.first_stage_model), identity, getattr(vae, "vae_dtype", None))
     handle = _FAST_FROM_COMFY.get(key)
     if handle is None:
         from rf_core.vae.wan_vae import WanVAE, infer_wan_vae_config, wan_vae_from_state_dict
@@ -131,5 +136,6 @@ def _fingerprint(module: torch.nn.Module) -> tuple:
 
 
 def fast_decoding_available(device: torch.device) -> bool:
-    """Our compiled decoder beats ComfyUI's eager one only where torch.compile has its GPU backend."""
-    return device.type == "cuda" and has_triton()
+    """Our compiled decoder beats ComfyUI's eager one only where torch.compile has its GPU backend
+    (Triton, on GPUs of compute capability 7.0 or newer)."""
+    return device.type == "cuda" and has_triton() and torch.cuda.get_device_capability(device) >= (7, 0)
