@@ -114,7 +114,9 @@ def test_session_opens_with_the_start_image_then_continues_and_restarts_when_it_
     args = {"session_id": "i2v", "chunks": 1, "width": 32, "height": 32, "seed": 5, "steps": 4, "vae": vae}
     first = node.run(model, cond(), start_image=image, **args)
     assert first[1].shape[0] == 1 + 12
-    torch.testing.assert_close(first[1][0], image[0], rtol=0, atol=0.5 / 255 + 1e-6)  # sessions keep 8-bit frames
+    torch.testing.assert_close(
+        first[1][0], image[0], rtol=0, atol=0.5 / 255 + 1e-6
+    )  # sessions keep 8-bit frames
     second = node.run(model, cond(), start_image=image, **args)  # continues: new frames only
     assert second[1].shape[0] == 12
     whole = node.run(model, cond(), start_image=image, output="whole video", **args)

@@ -32,14 +32,18 @@ def test_a_larger_image_is_resized_to_cover_then_cropped():
     assert torch.allclose(out[:, :, :7], left, atol=1e-6) and torch.allclose(out[:, :, 9:], right, atol=1e-6)
     assert note == "img is 64x32, the video 16x16: resized to 32x16 and centre-cropped to 16x16"
     flat, note = fit_frames(torch.full((2, 8, 8, 3), 0.25), 32, 32, "img")  # upscaling: same aspect
-    assert torch.allclose(flat, torch.tensor(0.25)) and note == "img is 8x8, the video 32x32: resized to 32x32"
+    assert (
+        torch.allclose(flat, torch.tensor(0.25)) and note == "img is 8x8, the video 32x32: resized to 32x32"
+    )
 
 
 def test_a_video_loses_its_first_frames_to_reach_1_plus_4k():
     x = torch.arange(7.0).view(7, 1, 1, 1).expand(7, 8, 8, 3)
     out, note = trim_frames(x, "extend")
     assert out[:, 0, 0, 0].tolist() == [2, 3, 4, 5, 6]  # the last frame stays: the continuation follows it
-    assert note == "extend has 7 frames; the Wan VAE encodes 1 + 4k, so its first 2 frames are left out (5 kept)"
+    assert (
+        note == "extend has 7 frames; the Wan VAE encodes 1 + 4k, so its first 2 frames are left out (5 kept)"
+    )
     kept, note = trim_frames(x[:5], "extend")
     assert torch.equal(kept, x[:5]) and note is None
     both, notes = prefix_frames(torch.rand(6, 8, 16, 3), 8, 8, "extend")
