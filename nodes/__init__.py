@@ -1,9 +1,10 @@
 """ComfyUI nodes: thin adapters from ComfyUI types to rf_core calls.
 
 Grouped by feature: ``load/`` (model, LoRA, decoder files), ``stream/`` (settings, Stream Generate, Stream
-Session, Decode), ``live/`` (the Live node, its loop, page transport and routes), ``prompts/`` (prompt
-embedding files), ``video/`` (Save Video, MP4 files), ``train/`` (Re-DMD Train). Each node module exports
-NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are merged here.
+Session, Decode, start image / extension), ``live/`` (the Live node, its loop, page transport and routes),
+``prompts/`` (prompt embedding files, Prompt Timeline), ``video/`` (Save Video, MP4 files), ``train/``
+(Re-DMD Train). Each node module exports NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS; they are
+merged here.
 """
 
 import os
@@ -25,6 +26,7 @@ _MODULES: tuple[str, ...] = (
     "stream.session",
     "stream.decode",
     "prompts.embeddings",
+    "prompts.timeline",
     "video.save",
     "live.node",
     "train.nodes",

@@ -117,13 +117,17 @@ def requested_frames(length: float, unit: str, fps: float = WAN_FPS) -> int:
     return math.ceil(round(wanted, 6))  # round() first: 0.3 s at 10 fps is 3.0000000000000004 frames
 
 
-def latent_frames_for(length: float, unit: str, chunk_frames: int, fps: float = WAN_FPS) -> int:
+def latent_frames_for(
+    length: float, unit: str, chunk_frames: int, fps: float = WAN_FPS, prefix: int = 0
+) -> int:
     """Latent frames of the shortest whole-chunk video at least ``length`` long (never shorter).
 
     A video of T latent frames has 1 + 4 (T - 1) frames: 5 s at 16 fps (80 frames) -> 21 latent
     frames (81 frames); 10 frames -> 6 (21 frames); 477 frames -> 120, the reference's 30 s setting.
+    After a prefix of ``prefix`` latent frames (a start image or a video to extend), ``length`` is that
+    of the new video, 4 frames per latent frame: 5 s -> 21 latent frames (84 frames).
     """
-    return timeline.latent_frames_for(requested_frames(length, unit, fps), chunk_frames)
+    return timeline.latent_frames_for(requested_frames(length, unit, fps), chunk_frames, prefix)
 
 
 def video_frames(latent_frames: int) -> int:
@@ -131,15 +135,22 @@ def video_frames(latent_frames: int) -> int:
     return 1 + 4 * (latent_frames - 1)
 
 
-def length_text(latent_frames: int, fps: float, requested: int | None = None, batch: int = 1) -> str:
+def length_text(
+    latent_frames: int, fps: float, requested: int | None = None, batch: int = 1, prefix: int = 0
+) -> str:
     """The node's line about the video it makes, e.g. "21 frames (1.31 s at 16 fps); 10 frames asked,
-    rounded up to whole chunks"."""
-    frames = video_frames(latent_frames)
+    rounded up to whole chunks", or after a prefix of ``prefix`` latent frames "33 input frames + 84 new:
+    117 frames (7.31 s at 16 fps)"."""
+    opening = video_frames(prefix) if prefix else 0
+    new = video_frames(latent_frames) if not prefix else 4 * latent_frames
+    frames = opening + new
     text = f"{frames} frames ({frames / fps:.2f} s at {fps:g} fps)"
+    if prefix:
+        text = f"{opening} input frame{'s' * (opening > 1)} + {new} new: {text}"
     if batch > 1:
         text = f"{batch} videos of {text}"
-    if requested is not None and requested < frames:
-        text += f"; {requested} frames asked, rounded up to whole chunks"
+    if requested is not None and requested < new:
+        text += f"; {requested} {'new ' * bool(prefix)}frames asked, rounded up to whole chunks"
     return text
 
 

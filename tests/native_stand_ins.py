@@ -2,11 +2,16 @@
 
 They reproduce the interfaces the pack relies on, not ComfyUI's internals:
 - CLIPTextEncode: CONDITIONING ``[[tensor [1, max(512, tokens), width], {"pooled_output": None}]]``
-  with zero rows after the prompt's tokens (as umT5 in ComfyUI), deterministic per text.
+  with zero rows after the prompt's tokens (as umT5 in ComfyUI), deterministic per text, through the
+  CLIP object's ``tokenize`` and ``encode_from_tokens_scheduled`` as ComfyUI's node calls them.
 - VAELoader / VAEDecode: an object shaped like ``comfy.sd.VAE`` for a Wan 2.1 VAE (latent_channels
   16, latent_dim 3, ``first_stage_model.conv2`` and ``.decoder(x, feat_cache=, feat_idx=)``) whose
-  ``decode`` takes a raw-VAE-space LATENT [B, 16, T, h, w] and decodes the whole video at once,
-  built on rf_core's Wan VAE. The real ComfyUI classes are exercised by tests/e2e.
+  ``decode`` takes a raw-VAE-space LATENT [B, 16, T, h, w] and decodes the whole video at once, and
+  whose ``encode`` takes IMAGE frames [N, H, W, C] as one video (as VAE Encode passes them) and gives
+  the raw latent [1, 16, 1 + (N - 1) // 4, H/8, W/8], built on rf_core's Wan VAE. The real ComfyUI
+  classes are exercised by tests/e2e.
+- LoadImage / LoadVideo / GetVideoComponents: read files from an input folder (``folder``): an IMAGE
+  [1, H, W, 3] and a MASK; a VIDEO whose components are the frames [F, H, W, 3] and the frame rate.
 - CreateVideo / SaveVideo: keep the frames; SaveVideo reports the frame count in its UI output.
 """
 
@@ -17,13 +22,20 @@ import zlib
 import torch
 from torch import nn
 
+from rf_core.io.video import read_image, read_video
 from rf_core.vae.wan_layers import CausalCache
-from rf_core.vae.wan_vae import load_wan_vae
+from rf_core.vae.wan_vae import encodable_frames, load_wan_vae
 
 TEXT_WIDTH = {"value": 64}  # width of the fake text encoder's output (the tiny DiT's text_dim)
 
 
 class FakeCLIP:
+    def tokenize(self, text: str) -> dict:
+        return {"text": text}
+
+    def encode_from_tokens_scheduled(self, tokens: dict) -> list:
+        return [[self.encode(tokens["text"]), {"pooled_output": None}]]
+
     def encode(self, text: str) -> torch.Tensor:
         tokens = len(text.split()) + 1  # words + EOS
         g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
@@ -56,7 +68,7 @@ class CLIPTextEncode:
         return {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}}
 
     def encode(self, text, clip):
-        return ([[clip.encode(text), {"pooled_output": None}]],)
+        return (clip.encode_from_tokens_scheduled(clip.tokenize(text)),)
 
 
 class _DecoderLikeComfy(nn.Module):
@@ -109,6 +121,16 @@ class FakeWanVAE:
         video = self.wan.decode(raw, normalized=False, latents_per_step=None)
         return ((video + 1) / 2).clamp(0, 1).movedim(1, -1)
 
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """IMAGE frames [N, H, W, C] (one video) -> raw latent [1, 16, 1 + (N - 1) // 4, H/8, W/8]. As
+        ComfyUI's: the size is centre-cropped to multiples of 8 and the frames after the last whole
+        group of 4 are not encoded."""
+        h, w = (pixels.shape[1] // 8) * 8, (pixels.shape[2] // 8) * 8
+        top, left = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+        x = pixels[: encodable_frames(pixels.shape[0]), top : top + h, left : left + w, :3]
+        video = x.movedim(-1, 0)[None] * 2 - 1  # [1, 3, N, H, W] in [-1, 1]
+        return self.wan.encode(video, normalize=False).float()
+
 
 class VAELoader:
     RETURN_TYPES = ("VAE",)
@@ -134,6 +156,46 @@ class VAEDecode:
     def decode(self, samples, vae):
         images = vae.decode(samples["samples"])
         return (images.reshape(-1, *images.shape[-3:]),)
+
+
+class LoadImage:
+    RETURN_TYPES = ("IMAGE", "MASK")
+    FUNCTION = "load_image"
+    folder = {"value": None}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = sorted(p.name for p in cls.folder["value"].iterdir()) if cls.folder["value"] else []
+        return {"required": {"image": (files, {"image_upload": True})}}
+
+    def load_image(self, image):
+        rgb = torch.from_numpy(read_image(self.folder["value"] / image)).float() / 255
+        return (rgb, torch.zeros(1, 64, 64))
+
+
+class LoadVideo:
+    RETURN_TYPES = ("VIDEO",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"file": (LoadImage.INPUT_TYPES()["required"]["image"][0], {})}}
+
+    def load(self, file):
+        frames, fps = read_video(LoadImage.folder["value"] / file)
+        return ({"images": torch.from_numpy(frames).float() / 255, "fps": fps},)
+
+
+class GetVideoComponents:
+    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
+    FUNCTION = "get"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"video": ("VIDEO", {})}}
+
+    def get(self, video):
+        return (video["images"], None, float(video["fps"]))
 
 
 class CreateVideo:
@@ -168,4 +230,17 @@ class SaveVideo:
         return {"ui": {"frames": [video["images"].shape[0]], "images": video["images"]}}
 
 
-NATIVE = {c.__name__: c for c in (CLIPLoader, CLIPTextEncode, VAELoader, VAEDecode, CreateVideo, SaveVideo)}
+NATIVE = {
+    c.__name__: c
+    for c in (
+        CLIPLoader,
+        CLIPTextEncode,
+        VAELoader,
+        VAEDecode,
+        LoadImage,
+        LoadVideo,
+        GetVideoComponents,
+        CreateVideo,
+        SaveVideo,
+    )
+}

@@ -86,8 +86,12 @@ def test_every_node_declares_a_valid_v1_contract(rf_pack):
                         name,
                         inp,
                     )
-                elif kind not in WIDGETS:
-                    assert kind in NATIVE_TYPES or kind.startswith("RF_"), (name, inp, kind)
+                elif kind not in WIDGETS:  # a socket; "A,B" takes either type (ComfyUI's type unions)
+                    assert all(k in NATIVE_TYPES or k.startswith("RF_") for k in kind.split(",")), (
+                        name,
+                        inp,
+                        kind,
+                    )
         for inp in spec.get("hidden", {}):
             assert inp in params, (name, inp)
         for p in params.values():  # every argument of the function is an input of the node
@@ -175,15 +179,15 @@ def test_bad_inputs_raise_errors_that_say_what_to_fix(nodes, rf_model_dir):
     ):
         nodes.load.loaders.RewardForcingLoadModel().load("vae_by_mistake.safetensors")
     with pytest.raises(ValueError, match="width 100 is not a positive multiple of 16: use 96 or 112"):
-        gen.generate(model, cond(), **{**GEN, "width": 100})
+        gen.generate(model, positive=cond(), **{**GEN, "width": 100})
     with pytest.raises(ValueError, match="length must be more than 0"):
-        gen.generate(model, cond(), **{**GEN, "length": 0})
+        gen.generate(model, positive=cond(), **{**GEN, "length": 0})
     with pytest.raises(ValueError, match="model: expected an RF_MODEL"):
-        gen.generate(object(), cond(), **GEN)
+        gen.generate(object(), positive=cond(), **GEN)
     with pytest.raises(ValueError, match="not a Wan 2.1 video VAE"):
-        gen.generate(model, cond(), **GEN, vae=object())
+        gen.generate(model, positive=cond(), **GEN, vae=object())
     with pytest.raises(ValueError, match="saving an MP4 needs decoded frames"):
-        gen.generate(model, cond(), **GEN, filename_prefix="x")
+        gen.generate(model, positive=cond(), **GEN, filename_prefix="x")
     with pytest.raises(ValueError, match="^height 470 is not a positive multiple of 16: use 464 or 480$"):
         gen.VALIDATE_INPUTS(width=832, height=470)
     with pytest.raises(ValueError, match="length must be more than 0"):
@@ -216,7 +220,7 @@ def test_global_policy_refuses_videos_longer_than_its_cache(nodes):
     ]
     with pytest.raises(ValueError, match="holds at most max_frames=6 latent frames but this length needs 21"):
         nodes.stream.generate.RewardForcingStreamGenerate().generate(
-            load_model(nodes), cond(), **{**GEN, "length": 81}, settings=settings
+            load_model(nodes), positive=cond(), **{**GEN, "length": 81}, settings=settings
         )
     with pytest.raises(ValueError, match="window_frames 4 must be >= sink_frames"):
         nodes.stream.settings.RewardForcingStreamSettings().build("ema", 3, 4, 0.999)
@@ -228,7 +232,7 @@ def test_generate_matches_the_engine_and_settings_reach_it(nodes, rf_model_dir):
 
     settings = nodes.stream.settings.RewardForcingStreamSettings().build("static", 3, 6, 0.5, shift=3.0)[0]
     latent, images = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), **{**GEN, "length": 33, "steps": 2}, settings=settings
+        load_model(nodes), positive=cond(), **{**GEN, "length": 33, "steps": 2}, settings=settings
     )["result"]
     dit = load_dit(rf_model_dir / "diffusion_models" / "rewardforcing.pt", dtype=torch.float32)
     make_fast(dit, compile=False)  # the loader's default speed "fast" (nothing compiles on the CPU)
@@ -265,7 +269,9 @@ def test_cancel_stops_generate_within_one_model_pass(nodes, monkeypatch):
     monkeypatch.setattr(model.dit, "run_blocks", lambda *a, **k: (passes.append(1), run_blocks(*a, **k))[1])
     monkeypatch.setattr(nodes.comfy, "interrupt_check", lambda: cancel_after(7))
     with pytest.raises(Cancelled):
-        nodes.stream.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
+        nodes.stream.generate.RewardForcingStreamGenerate().generate(
+            model, positive=cond(), **{**GEN, "length": 33}
+        )
     assert len(passes) == 7  # Cancel was checked before the 8th pass, which never ran
 
 
@@ -274,7 +280,9 @@ def test_model_is_placed_again_before_every_chunk(nodes, monkeypatch):
     model = load_model(nodes)
     calls = []
     monkeypatch.setattr(model.managed, "acquire", lambda extra=0: (calls.append(extra), model.dit)[1])
-    nodes.stream.generate.RewardForcingStreamGenerate().generate(model, cond(), **{**GEN, "length": 33})
+    nodes.stream.generate.RewardForcingStreamGenerate().generate(
+        model, positive=cond(), **{**GEN, "length": 33}
+    )
     assert len(calls) == 1 + 3 and calls[0] > 0 and calls[1:] == [0, 0, 0]  # room for the KV cache first
 
 
@@ -294,7 +302,7 @@ def test_progress_counts_passes_and_previews_each_chunk(nodes, rf_model_dir, mon
     RecordingProgress.log = []
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), **{**GEN, "length": 33}, vae=vae, unique_id="17"
+        load_model(nodes), positive=cond(), **{**GEN, "length": 33}, vae=vae, unique_id="17"
     )
     log = RecordingProgress.log
     assert log[0] == ("new", 12, "17")  # 3 chunks x 4 denoising passes
@@ -312,7 +320,7 @@ def test_generate_writes_the_mp4_as_chunks_arrive(nodes, rf_model_dir, tmp_path,
     )
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     out = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), **{**GEN, "length": 33}, vae=vae, filename_prefix="clips/test"
+        load_model(nodes), positive=cond(), **{**GEN, "length": 33}, vae=vae, filename_prefix="clips/test"
     )
     assert written == [9, 12, 12]  # one write per decoded chunk
     (entry,) = out["ui"]["images"]
@@ -527,7 +535,7 @@ def test_decoder_loader_recognises_files(nodes, rf_model_dir):
 
 def test_decode_node_matches_whole_video_decode(nodes, rf_model_dir):
     latent = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), **{**GEN, "length": 21}
+        load_model(nodes), positive=cond(), **{**GEN, "length": 21}
     )["result"][0]
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     (images,) = nodes.stream.decode.RewardForcingDecode().decode(latent, chunk_frames=2, vae=vae)
@@ -551,13 +559,13 @@ def test_comfy_vae_on_a_fast_device_decodes_with_our_fast_decoder_and_the_same_f
     vae = FakeWanVAE(rf_model_dir / "vae" / "wan_2.1_vae.safetensors")
     args = {**GEN, "length": 21}
     reference = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), vae=vae, **args
+        load_model(nodes), positive=cond(), vae=vae, **args
     )
     monkeypatch.setattr(decoders, "fast_decoding_available", lambda device: True)
     stream, _ = decoders.decoder_stream(vae)
     assert stream.stream.vae.decoder.fast_path is not None  # ours, made fast, not ComfyUI's decoder
     fast = nodes.stream.generate.RewardForcingStreamGenerate().generate(
-        load_model(nodes), cond(), vae=vae, **args
+        load_model(nodes), positive=cond(), vae=vae, **args
     )
     torch.testing.assert_close(
         fast["result"][0]["samples"], reference["result"][0]["samples"], rtol=0, atol=0

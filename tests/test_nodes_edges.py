@@ -192,7 +192,7 @@ def test_generate_never_makes_less_than_asked_and_says_what_it_made(
     monkeypatch.setattr(nodes.comfy, "progress_text", lambda text, node_id: shown.append((text, node_id)))
     out = nodes.stream.generate.RewardForcingStreamGenerate().generate(
         load_model(nodes),
-        cond(),
+        positive=cond(),
         **{**GEN, "length": length, "length_unit": unit},
         vae=vae(rf_model_dir),
         unique_id="8",
@@ -256,15 +256,15 @@ def test_generate_batch_gives_one_video_per_seed(nodes, rf_model_dir):
         load_model(nodes),
         vae(rf_model_dir),
     )
-    out = gen.generate(model, cond(), **GEN, vae=decoder, batch=2, filename_prefix="batch/v")
+    out = gen.generate(model, positive=cond(), **GEN, vae=decoder, batch=2, filename_prefix="batch/v")
     latent, images = out["result"]
     assert latent["samples"].shape == (2, 16, 3, 4, 4) and images.shape == (2 * 9, 32, 32, 3)
     assert [e["filename"] for e in out["ui"]["images"]] == ["v_00001_.mp4", "v_00002_.mp4"]
     assert out["ui"]["text"] == ["2 videos of 9 frames (0.56 s at 16 fps)"]
     for i in range(2):  # video i is the batch-1 video of seed + i; the IMAGE holds them one after another
-        single_latent, single_images = gen.generate(model, cond(), **{**GEN, "seed": 5 + i}, vae=decoder)[
-            "result"
-        ]
+        single_latent, single_images = gen.generate(
+            model, positive=cond(), **{**GEN, "seed": 5 + i}, vae=decoder
+        )["result"]
         torch.testing.assert_close(
             latent["samples"][i : i + 1], single_latent["samples"], rtol=1e-4, atol=1e-5
         )

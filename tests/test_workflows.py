@@ -1,21 +1,24 @@
 """Each example workflow: its UI file matches its API twin, and the API twin runs end to end through a
 small stand-in executor with tiny synthetic models (real file formats, real loaders), giving the
-expected frame counts, LATENT layout and Wan 2.1 normalisation."""
+expected frame counts, LATENT layout and Wan 2.1 normalisation; the image-to-video, extension and
+storyboard workflows give the engine's own prefilled or prompt-switched stream."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from graph_executor import GraphExecutor, PromptError, load_api_workflow, override
-from native_stand_ins import NATIVE, FakeCLIP, VAELoader
+from native_stand_ins import NATIVE, FakeCLIP, LoadImage, VAELoader
+from PIL import Image
 from workflow_format import ui_to_api
 
 from rf_core.config import StreamConfig
 from rf_core.io.checkpoints import load_dit
-from rf_core.io.video import read_video_frames
+from rf_core.io.video import Mp4Writer, read_video_frames
 from rf_core.stream import StreamSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +27,9 @@ NAMES = [
     "reward_forcing_long_video_30s",
     "reward_forcing_interactive_session",
     "reward_forcing_taehv_preview",
+    "reward_forcing_image_to_video",
+    "reward_forcing_extend_video",
+    "reward_forcing_storyboard",
 ]
 # ComfyUI's Wan21 latent statistics, written out independently of the code under test.
 WAN21_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -43,7 +49,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def executor(rf_pack, rf_model_dir, rf_output_dir):
+def input_dir(tmp_path):
+    """ComfyUI's input folder with the files the image-to-video and extension workflows load: a start
+    image and a 19-frame video, both 48x32 (wider than the 32x32 the tests generate)."""
+    folder = tmp_path / "input"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(
+        folder / "reward_forcing_start.png"
+    )
+    with Mp4Writer(folder / "reward_forcing_extend.mp4", fps=16) as w:
+        w.write(rng.integers(0, 256, (19, 32, 48, 3), dtype=np.uint8))
+    LoadImage.folder["value"] = folder
+    yield folder
+    LoadImage.folder["value"] = None
+
+
+@pytest.fixture
+def executor(rf_pack, rf_model_dir, rf_output_dir, input_dir):
     VAELoader.folder["value"] = rf_model_dir / "vae"
     rf_pack.nodes.stream.registry.REGISTRY.free_all()
     yield GraphExecutor({**NATIVE, **rf_pack.NODE_CLASS_MAPPINGS})
@@ -54,19 +77,31 @@ def workflow(name: str, **changes) -> dict:
     return override(load_api_workflow(ROOT / "tests" / "workflows_api" / f"{name}.json"), changes)
 
 
-def engine_latents(model_dir: Path, prompts: list[tuple[int, str]], hw, seed: int, recache: bool = True):
-    """The engine run directly: [(chunks, prompt text)] in order, prompts padded to the model's 32 tokens."""
+def engine_latents(
+    model_dir: Path, prompts: list, hw, seed: int, recache: bool = True, prefix: torch.Tensor | None = None
+):
+    """The engine run directly: [(chunks, prompt text[, recache])] in order, prompts padded to the model's
+    32 tokens, after prefilling ``prefix`` (model space) if given."""
     dit = load_dit(model_dir / "diffusion_models" / "rewardforcing.pt", dtype=torch.float32)
     chunks = []
     session = None
-    for n, text in prompts:
+    for n, text, *switch_recache in prompts:
         embeds = FakeCLIP().encode(text)[:, : dit.cfg.text_len]
         if session is None:
             session = StreamSession(dit, embeds, hw, StreamConfig(), seed=seed)
+            if prefix is not None:
+                session.prefill(prefix)
         else:
-            session.set_prompt(embeds, recache=recache)
+            session.set_prompt(embeds, recache=switch_recache[0] if switch_recache else recache)
         chunks += [session.next_chunk() for _ in range(n)]
     return torch.cat(chunks, dim=1)
+
+
+def wan21_process_in(raw: torch.Tensor) -> torch.Tensor:
+    """ComfyUI raw LATENT [B, 16, T, h, w] -> model-space frame-major [B, T, 16, h, w]."""
+    mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
+    return ((raw - mean) / std).permute(0, 2, 1, 3, 4)
 
 
 def mp4_frames(tmp_path: Path, entry: dict) -> int:
@@ -150,3 +185,52 @@ def test_session_continues_across_runs_and_other_workflows_and_switches_prompt(
 def test_workflow_validation_reports_bad_size_at_queue_time(executor):
     with pytest.raises(PromptError, match="width 830 is not a positive multiple of 16: use 816 or 832"):
         executor.execute(workflow("reward_forcing_t2v_5s", **{"5": {"width": 830}}))
+
+
+def test_image_to_video_opens_with_the_image_and_streams_on_from_its_encoding(
+    executor, rf_model_dir, input_dir
+):
+    out = executor.execute(workflow("reward_forcing_image_to_video", **{"6": {"width": 32, "height": 32}}))
+    latent, images = out["6"]
+    image = torch.from_numpy(np.array(Image.open(input_dir / "reward_forcing_start.png"))).float() / 255
+    fitted = image[None, :, 8:40]  # 48x32 into 32x32: the middle 32 columns, no resizing
+    assert images.shape == (1 + 84, 32, 32, 3) and torch.equal(images[:1], fitted)  # 5 s of new frames
+    raw = out["4"][0].encode(fitted)  # the VAE object's encode, as VAE Encode calls it
+    samples = latent["samples"]
+    assert samples.shape == (1, 16, 1 + 21, 4, 4)
+    torch.testing.assert_close(samples[:, :, :1], raw, rtol=0, atol=1e-5)
+    text = workflow("reward_forcing_image_to_video")["2"]["inputs"]["text"]
+    expected = engine_latents(rf_model_dir, [(7, text)], (4, 4), seed=42, prefix=wan21_process_in(raw))
+    torch.testing.assert_close(samples[:, :, 1:], wan21_process_out(expected), rtol=1e-5, atol=1e-5)
+    assert executor.ui["8"]["frames"] == [85]
+    assert "start_image is 48x32, the video 32x32: centre-cropped to 32x32" in executor.ui["6"]["text"]
+
+
+def test_extend_video_opens_with_its_frames_and_writes_them_to_the_mp4(executor, tmp_path, input_dir):
+    out = executor.execute(workflow("reward_forcing_extend_video", **{"7": {"width": 32, "height": 32}}))
+    latent, images = out["7"]
+    read = torch.from_numpy(read_video_frames(input_dir / "reward_forcing_extend.mp4")).float() / 255
+    kept = read[2:, :, 8:40]  # 19 frames: the last 17 (1 + 4 * 4), their middle 32 columns
+    assert images.shape == (17 + 84, 32, 32, 3) and torch.equal(images[:17], kept)
+    assert latent["samples"].shape == (1, 16, 5 + 21, 4, 4)
+    torch.testing.assert_close(latent["samples"][:, :, :5], out["4"][0].encode(kept), rtol=0, atol=1e-5)
+    (entry,) = executor.ui["7"]["images"]
+    assert entry["filename"].startswith("extended_") and mp4_frames(tmp_path, entry) == 101
+    assert executor.ui["7"]["text"] == [
+        "17 input frames + 84 new: 101 frames (6.31 s at 16 fps); 80 new frames asked, rounded up to whole chunks",
+        "extend has 19 frames; the Wan VAE encodes 1 + 4k, so its first 2 frames are left out (17 kept)",
+        "extend is 48x32, the video 32x32: centre-cropped to 32x32",
+    ]
+
+
+def test_storyboard_switches_prompts_at_its_times(executor, rf_model_dir):
+    prompt = workflow("reward_forcing_storyboard", **{"5": {"width": 32, "height": 32}})
+    out = executor.execute(prompt)
+    samples = out["5"][0]["samples"]
+    assert samples.shape == (1, 16, 51, 4, 4) and out["5"][1].shape == (201, 32, 32, 3)  # 12 s -> 17 chunks
+    lines = [line.split(": ", 1)[1] for line in prompt["2"]["inputs"]["text"].splitlines()]
+    # 3 s = frame 48 -> chunk 5 (frames 57..), 6 s = frame 96 -> chunk 9 (105..), 9 s = 144 -> chunk 13 (153..)
+    parts = [(5, lines[0]), (4, lines[1], True), (4, lines[2], True), (4, lines[3], False)]
+    expected = engine_latents(rf_model_dir, parts, (4, 4), seed=42)
+    torch.testing.assert_close(samples, wan21_process_out(expected), rtol=1e-5, atol=1e-5)
+    assert executor.ui["7"]["frames"] == [201]

@@ -2,7 +2,8 @@
 graphToPrompt does it, for checking that each example workflow matches its API twin.
 
 Widget values are positional, in the order of the node's widget inputs; an INT with
-``control_after_generate`` (a seed) is followed by one extra value ("fixed", "randomize"...).
+``control_after_generate`` (a seed) is followed by one extra value ("fixed", "randomize"...), and so is
+a file combo with an upload button (Load Image, Load Video: "image").
 Muted (mode 2) and bypassed (mode 4) nodes and frontend-only nodes (Note) are left out.
 """
 
@@ -18,6 +19,9 @@ NATIVE_WIDGETS: dict[str, list[tuple[str, bool]]] = {
     "CLIPTextEncode": [("text", False)],
     "VAELoader": [("vae_name", False)],
     "VAEDecode": [],
+    "LoadImage": [("image", True)],  # the upload button's value ("image") follows the file name
+    "LoadVideo": [("file", True)],
+    "GetVideoComponents": [],
     "CreateVideo": [("fps", False)],
     "SaveVideo": [("filename_prefix", False), ("format", False), ("codec", False)],
 }

@@ -22,20 +22,25 @@ from ..common import has_triton
 from ..model_handle import Managed, RFDecoder
 
 
+def check_wan_vae(vae) -> None:
+    """Refuse a ComfyUI VAE object that is not a Wan 2.1 video VAE, saying which file to load."""
+    model = getattr(vae, "first_stage_model", None)
+    channels = getattr(vae, "latent_channels", None)
+    if (
+        channels != LATENT_CHANNELS
+        or getattr(vae, "latent_dim", None) != 3
+        or not hasattr(model, "decoder")
+        or not hasattr(model, "conv2")
+    ):
+        raise ValueError(
+            f"the connected VAE is not a Wan 2.1 video VAE (it has {channels} latent channels, "
+            f"latent_dim {getattr(vae, 'latent_dim', None)}): load wan_2.1_vae.safetensors with Load VAE"
+        )
+
+
 class ComfyVAEStream:
     def __init__(self, vae) -> None:
-        model = getattr(vae, "first_stage_model", None)
-        channels = getattr(vae, "latent_channels", None)
-        if (
-            channels != LATENT_CHANNELS
-            or getattr(vae, "latent_dim", None) != 3
-            or not hasattr(model, "decoder")
-            or not hasattr(model, "conv2")
-        ):
-            raise ValueError(
-                f"the connected VAE is not a Wan 2.1 video VAE (it has {channels} latent channels, "
-                f"latent_dim {getattr(vae, 'latent_dim', None)}): load wan_2.1_vae.safetensors with Load VAE"
-            )
+        check_wan_vae(vae)
         self.vae = vae
         self._feat: list | None = None
 

@@ -2,6 +2,10 @@
 
 Stream Generate uses one for a single run; Stream Session keeps one per session id across queue runs.
 
+A record may open with a prefix (a start image or a video being extended): its latents are prefilled
+into the engine and kept as the record's first entry; its frames are the input's own, while the
+decoder decodes its latents anyway, so that the first generated frames join them without a seam.
+
 Consistency under Cancel: a chunk becomes part of the record only once ``StreamSession.next_chunk``
 returned it (a cancelled chunk leaves the engine as it was, so the next run redoes that chunk).
 Decoding is never interrupted half-way; if it fails anyway, the decoder is restarted and every
@@ -54,6 +58,9 @@ class StreamRecord:
         self.latents: list[torch.Tensor] = []  # model space, CPU float32, one [B, n, 16, h, w] per chunk
         self.frames: list[torch.Tensor] = []  # CPU [B, F, H, W, 3], one per decoded chunk
         self.frame_chunks: list[int] = []  # number of frames each decoded chunk gave
+        self.opening: torch.Tensor | None = (
+            None  # the prefix's own frames [B, F, H, W, 3], in place of its decode
+        )
 
     # ------------------------------------------------------------------ generation
     @property
@@ -64,9 +71,47 @@ class StreamRecord:
         """Progress steps per chunk: the denoising passes (``StreamSession.on_pass``)."""
         return len(self.stream.timesteps)
 
-    def advance(self, n_chunks: int, progress: Progress | None = None, sink: FrameSink | None = None) -> None:
+    def prefill(
+        self,
+        latents: torch.Tensor,
+        frames: torch.Tensor | None = None,
+        progress: Progress | None = None,
+        sink: FrameSink | None = None,
+    ) -> None:
+        """Open the stream with known latents (model space ``[B or 1, T, 16, h, w]``) instead of generated
+        ones (``StreamSession.prefill``), and their ``frames`` ``[B or 1, F, H, W, 3]`` in [0, 1] (None:
+        decoded from the latents). ``progress`` counts prefill chunks from 0; ``sink`` gets the frames."""
+        if self.latents:
+            raise ValueError("a prefix can only open a stream; this one has chunks already")
+        batch = self.stream.batch
+
+        def report(done: int, _total: int) -> None:
+            if progress is not None:
+                progress.update(-(-done // self.stream.config.chunk_frames))
+
+        self.stream.prefill(latents, on_chunk=report)
+        self.latents.append(
+            latents.detach().to("cpu", torch.float32).expand(batch, -1, -1, -1, -1).contiguous()
+        )
+        if frames is not None:
+            self.opening = frames.detach().to("cpu", torch.float32).expand(batch, -1, -1, -1, -1).contiguous()
+        last = self.decode_pending(sink)
+        if progress is not None and last is not None:
+            progress.update(self.prefill_steps(latents.shape[1]), last[0, -1])
+
+    def prefill_steps(self, latent_frames: int) -> int:
+        """Progress steps of a prefill: one per prefill chunk (one model pass each)."""
+        return -(-latent_frames // self.stream.config.chunk_frames)
+
+    def advance(
+        self,
+        n_chunks: int,
+        progress: Progress | None = None,
+        sink: FrameSink | None = None,
+        offset: int = 0,
+    ) -> None:
         """Generate ``n_chunks`` more chunks, decode each as it arrives and hand its frames to ``sink``.
-        ``progress`` counts model passes from 0 to n_chunks * passes_per_chunk.
+        ``progress`` counts model passes from ``offset`` to offset + n_chunks * passes_per_chunk.
 
         On CUDA chunk c is decoded on a side stream while the DiT makes chunk c + 1, and its frames,
         the preview and ``sink`` are handled on the host while the GPU works on; the first chunk is
@@ -81,7 +126,7 @@ class StreamRecord:
             nonlocal shown
             shown = max(shown, value)
             if progress is not None:
-                progress.update(shown, preview)
+                progress.update(offset + shown, preview)
 
         def take(deliver: bool = True) -> None:
             chunk = pipe.pop()
@@ -133,9 +178,12 @@ class StreamRecord:
         last = None
         try:
             while len(self.frames) < len(self.latents):
-                z = self.latents[len(self.frames)]
-                rgb = self.decoder.decode_chunk(z)
-                last = rgb.detach().permute(0, 1, 3, 4, 2).to("cpu", torch.float32)
+                i = len(self.frames)
+                if i == 0 and self.opening is not None:
+                    self._decode(self.latents[0], keep=False)  # primes the decoder for the next chunk
+                    last = self.opening
+                else:
+                    last = self._decode(self.latents[i])
                 if sink is not None:
                     sink(last)
                 self.frames.append(_store(last, self.frame_dtype))
@@ -144,6 +192,16 @@ class StreamRecord:
             self.set_decoder(self.decoder)  # decoder state is unknown now: decode everything again later
             raise
         return last
+
+    def _decode(self, z: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+        """Frames [B, F, H, W, 3] of latents z, decoded a chunk at a time (a prefix may be long)."""
+        step = self.stream.config.chunk_frames
+        out = []
+        for j in range(0, z.shape[1], step):
+            rgb = self.decoder.decode_chunk(z[:, j : j + step])
+            if keep:
+                out.append(rgb.detach().permute(0, 1, 3, 4, 2).to("cpu", torch.float32))
+        return torch.cat(out, dim=1) if keep else None
 
     def set_decoder(self, decoder: StreamDecoder | None) -> None:
         """Switch decoders; frames decoded so far are dropped and redone from the stored latents."""

@@ -26,7 +26,8 @@ from ..common import (
 )
 from ..conditioning import prompt_embeds, repeat_prompts
 from .decoders import decoder_stream
-from .generate import stream_inputs
+from .generate import prefix_input_types, stream_inputs
+from .prefix import prefix_key, read_prefix
 from .record import StreamRecord
 from .registry import REGISTRY, Session
 
@@ -38,8 +39,9 @@ OUTPUT_CHOICES = ("new frames", "whole video")
 class RewardForcingStreamSession:
     DESCRIPTION = (
         "An interactive stream: each queue run continues the same video by a few chunks with the prompt "
-        "connected now (change the prompt between runs to steer it). State is kept per session id, also "
-        "while other workflows run; use Free Session (or reset) when done."
+        "connected now (change the prompt between runs to steer it). It may open with a start image or a video "
+        "to extend. State is kept per session id, also while other workflows run; use Free Session (or reset) "
+        "when done."
     )
     CATEGORY = CATEGORY
     FUNCTION = "run"
@@ -99,10 +101,14 @@ class RewardForcingStreamSession:
                 ),
             },
             "optional": {
+                **prefix_input_types(),
                 "settings": stream_settings_input(),
                 "vae": (
                     "VAE",
-                    {"tooltip": "ComfyUI Wan 2.1 VAE: frames decoded exactly and seamlessly across runs."},
+                    {
+                        "tooltip": "ComfyUI Wan 2.1 VAE: frames decoded exactly and seamlessly across runs; "
+                        "also encodes start_image and extend frames."
+                    },
                 ),
                 "decoder": ("RF_DECODER", {"tooltip": "Our decoder (Load Decoder), e.g. TAEHV for speed."}),
                 "batch": batch_widget(),
@@ -135,6 +141,8 @@ class RewardForcingStreamSession:
         recache: bool = True,
         reset: bool = False,
         output: str = OUTPUT_CHOICES[0],
+        start_image=None,
+        extend=None,
         settings: StreamConfig | None = None,
         vae=None,
         decoder=None,
@@ -149,25 +157,28 @@ class RewardForcingStreamSession:
         embeds = repeat_prompts(prompt_embeds(positive, model.cfg.text_dim, model.cfg.text_len), batch)
         decode, decoder_key = decoder_stream(vae, decoder)
         batch = embeds.shape[0]
-        settings_key = (model.identity, hw, config, batch)
-        dit = model.acquire(stream_state_bytes(model.cfg, config, hw, batch, model.dit.dtype))
+        # The start image / extension opens the stream: another one starts it over, like other settings.
+        settings_key = (model.identity, hw, config, batch, prefix_key(start_image, extend))
 
         session = REGISTRY.get(session_id)
         if session is not None and not reset and session.settings != settings_key:
             log.warning(
-                "Reward Forcing session %r: model, size, batch or stream settings changed; starting over",
+                "Reward Forcing session %r: model, size, batch, stream settings, start image or extended video "
+                "changed; starting over",
                 session_id,
             )
             comfy.progress_text("settings changed: new stream", unique_id)
             reset = True
-        if session is None or reset:
+        starting = session is None or reset
+        prefix = read_prefix(start_image, extend, vae, decoder, width, height, batch) if starting else None
+        dit = model.acquire(stream_state_bytes(model.cfg, config, hw, batch, model.dit.dtype))
+        if starting:
             REGISTRY.free(session_id)  # let the old state go before the new one is allocated
             session = None
             stream = StreamSession(dit, embeds, hw, config, seed=seed)
             session = Session(
                 session_id, StreamRecord(stream, decode, torch.uint8), settings_key, decoder_key, embeds
             )
-            REGISTRY.put(session)
         else:
             stream = session.record.stream
             if decoder_key != session.decoder_key:
@@ -184,12 +195,17 @@ class RewardForcingStreamSession:
         record = session.record
         record.prepare = model.acquire
         first = record.chunks
-        progress = comfy.Progress(chunks * record.passes_per_chunk(), unique_id)
+        pre = record.prefill_steps(prefix.latents.shape[1]) if prefix is not None else 0
+        progress = comfy.Progress(pre + chunks * record.passes_per_chunk(), unique_id)
+        if prefix is not None:
+            record.prefill(prefix.latents, prefix.frames, progress)
+        if starting:
+            REGISTRY.put(session)  # once its opening went through: a cancelled prefill starts over next run
         record.decode_pending()  # chunks a failed decode left without frames
-        record.advance(chunks, progress)
+        record.advance(chunks, progress, offset=pre)
         REGISTRY.enforce_cap(keep=session_id)
         comfy.progress_text(
-            f"{session_id}: {record.chunks} chunks, {sum(record.frame_chunks)} frames", unique_id
+            f"{session_id}: {stream.frames_done} latent frames, {sum(record.frame_chunks)} frames", unique_id
         )
 
         start = first if output == OUTPUT_CHOICES[0] else 0

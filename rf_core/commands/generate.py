@@ -19,6 +19,7 @@ from rf_core.commands import argtypes
 from rf_core.commands.errors import CliError, about, warning_line
 from rf_core.commands.paths import input_path, output_file, output_folder
 from rf_core.config import PRESETS, SINK_POLICIES, StreamConfig
+from rf_core.prefix import prefix_latent_frames
 
 COMMAND = "generate"
 TINY = "tiny-random"
@@ -45,6 +46,12 @@ examples:
       --tokenizer models/Wan2.1-T2V-1.3B/google/umt5-xxl \\
       --prompt "a red fox trotting through fresh snow" --prompt-at 10s "the fox leaps into a frozen river" \\
       --seconds 30 --fast --out fox.mp4
+  # image to video: the image is the first frame; 5 s of new video after it, a switch at 3 s of the output
+  reward-forcing generate --model tiny-random --image start.png --prompt "waves roll onto the beach" \
+      --prompt-at 3s "a storm gathers over the sea" --seconds 5 --out beach.mp4
+  # extend a video by 10 s: its frames open the output, and times count from its start
+  reward-forcing generate --model tiny-random --extend beach.mp4 --prompt "the storm breaks" --seconds 10 \
+      --prompt-at 12s "the sun comes out" --out beach_longer.mp4
   # a PNG sequence, prompts from a prompt-embedding file, a LoRA at strength 0.8
   reward-forcing generate --model models/Reward-Forcing-T2V-1.3B/rewardforcing.pt --vae models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \\
       --prompt-embeds prompts.safetensors --prompt fox --lora my_lora.safetensors:0.8 --png --out frames/
@@ -52,6 +59,15 @@ examples:
 length: video is made in chunks of {DEFAULTS.chunk_frames} latent frames = 12 video frames (the first chunk
 9), so a length is rounded up to whole chunks: --seconds 2 at 16 fps asks for 32 frames and makes 33.
 Above {LONG_SECONDS / 3600:g} h of video a warning says how long the run is; above {MAX_SECONDS / 3600:g} h it is refused.
+
+start image, extension: --image and --extend are encoded with the Wan VAE (--vae, also with --decoder
+taehv) and prefilled into the stream, which goes on from them exactly as if it had made them. The
+length asked for is the new video after them (12 frames per chunk). They open the output as given,
+resized to cover the video's size and centre-cropped (a warning says so); the VAE encodes 1 + 4k
+frames, so a video of another length loses its first 1 to 3 frames (with a warning). --prompt-at
+times count from the start of the output, input frames included; chunks ('4c') count the chunks the
+input is prefilled in (3 latent frames each; a start image is chunk 0), and a switch cannot fall
+inside the input video after its first chunk.
 
 output: the MP4 is written as <name>.<pid>-<token>.partial.mp4 next to --out and moved onto --out when
 it is complete; Ctrl-C finishes the file with the frames so far. After a hard kill the partial file
@@ -84,13 +100,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     prompts.add_argument("--tokenizer", metavar="FILE", help="google/umt5-xxl tokenizer.json or its folder")
 
+    start = p.add_argument_group("start from an image or a video")
+    opening = start.add_mutually_exclusive_group()
+    opening.add_argument(
+        "--image",
+        metavar="FILE",
+        help="start image (PNG, JPEG...): the first frame of the video (needs --vae)",
+    )
+    opening.add_argument(
+        "--extend",
+        metavar="VIDEO",
+        help="video to continue (MP4...): its frames open the output (needs --vae)",
+    )
+
     video = p.add_argument_group("video")
     length = video.add_mutually_exclusive_group()
     length.add_argument(
         "--seconds",
         type=argtypes.positive_float,
         default=5.0,
-        help="length in seconds, rounded up to whole chunks",
+        help="length in seconds, rounded up to whole chunks (with --image / --extend: of the new video)",
     )
     length.add_argument(
         "--frames",
@@ -138,7 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--decoder", choices=["wan", "taehv"], default="wan", help="wan: the Wan VAE; taehv: fast previews"
     )
     model.add_argument(
-        "--vae", metavar="FILE", help="Wan2.1_VAE.pth or wan_2.1_vae.safetensors (--decoder wan)"
+        "--vae",
+        metavar="FILE",
+        help="Wan2.1_VAE.pth or wan_2.1_vae.safetensors (--decoder wan; encodes --image / --extend)",
     )
     model.add_argument("--taehv", metavar="FILE", help="taew2_1.pth (--decoder taehv)")
 
@@ -200,9 +231,14 @@ class Plan:
     dtype: torch.dtype
     config: StreamConfig
     chunks: int
-    cues: dict[int, str]  # chunk -> prompt
+    cues: dict[int, str]  # chunk of the stream (prefill chunks included) -> prompt
     out: Path
     messages: list[str]  # notes and warnings, printed once everything has loaded
+    prefix: torch.Tensor | None = None  # --image / --extend frames [1 + 4k, H, W, 3] in [0, 1], fitted
+
+    @property
+    def prefix_latents(self) -> int:
+        return 0 if self.prefix is None else prefix_latent_frames(self.prefix.shape[0])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,10 +248,11 @@ def run(args: argparse.Namespace) -> int:
     model = _load_model(args, plan, tiny)
     embed = _prompt_source(args, model.cfg, embeds, plan, tiny)
     cues = {c: embed(prompt) for c, prompt in plan.cues.items()}
-    decoder = _decoder(args, plan, tiny)
+    vae = _wan_vae(args, plan, tiny)
+    decoder = _decoder(args, plan, vae)
     for line in plan.messages:  # after every check and load: a failed run prints its error alone
         print(line, file=sys.stderr)
-    return _stream(args, plan, model, cues, decoder)
+    return _stream(args, plan, model, cues, decoder, vae)
 
 
 # ------------------------------------------------------------------ checks before any work
@@ -233,25 +270,27 @@ def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
         )
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = _stream_config(args, warnings)
-    frames, chunks, length_note = _length(args, config, warnings)
-    if config.sink_policy == "global" and chunks * config.chunk_frames > config.max_frames:
-        latent = chunks * config.chunk_frames
+    width = args.width or (128 if tiny else 832)
+    height = args.height or (96 if tiny else 480)
+    inputs = _input_files(args, tiny)
+    out = _output(args, inputs)
+    prefix = _prefix(args, width, height, warnings)  # read now: its length moves the timeline
+    prefix_latents = 0 if prefix is None else prefix_latent_frames(prefix.shape[0])
+    frames, chunks, length_note = _length(args, config, warnings, prefix_latents)
+    latent = prefix_latents + chunks * config.chunk_frames
+    if config.sink_policy == "global" and latent > config.max_frames:
         warnings.append(
             f"--sink-policy global keeps all {latent} latent frames in the cache (memory grows with the "
             f"length; the model was trained on {config.max_frames})"
         )
         config = config.replace(max_frames=latent)
-    cues = _timeline(args, config, chunks, frames, warnings)
-    inputs = _input_files(args, tiny)
-    out = _output(args, inputs)
+    cues = _timeline(args, config, chunks, frames, warnings, prefix_latents)
     messages = (
         [TINY_NOTE] * tiny
         + [warning_line(COMMAND, text) for text in warnings]
         + [length_note] * bool(length_note)
     )
-    width = args.width or (128 if tiny else 832)
-    height = args.height or (96 if tiny else 480)
-    return Plan(width, height, dtype, config, chunks, cues, out, messages)
+    return Plan(width, height, dtype, config, chunks, cues, out, messages, prefix)
 
 
 def _ignored_flags(args: argparse.Namespace, tiny: bool) -> list[str]:
@@ -268,8 +307,8 @@ def _ignored_flags(args: argparse.Namespace, tiny: bool) -> list[str]:
         out.append(f"--prompt-embeds is given, so {' and '.join(encoder)} not used")
     if args.decoder == "wan" and args.taehv:
         out.append("--taehv is not used with --decoder wan (pass --decoder taehv to use it)")
-    if args.decoder == "taehv" and args.vae:
-        out.append("--vae is not used with --decoder taehv")
+    if args.decoder == "taehv" and args.vae and not (args.image or args.extend):
+        out.append("--vae is not used with --decoder taehv (only to encode --image or --extend)")
     return out
 
 
@@ -301,9 +340,12 @@ def _stream_config(args: argparse.Namespace, warnings: list[str]) -> StreamConfi
         )
 
 
-def _length(args: argparse.Namespace, config: StreamConfig, warnings: list[str]) -> tuple[int, int, str]:
-    """(video frames made, chunks, a note when whole chunks make more frames than asked)."""
-    from rf_core.timeline import chunk_start_frame, latent_frames_for
+def _length(
+    args: argparse.Namespace, config: StreamConfig, warnings: list[str], prefix: int = 0
+) -> tuple[int, int, str]:
+    """(video frames of the output, chunks to generate, a note when whole chunks make more frames than
+    asked). After a prefix of ``prefix`` latent frames the length asked for is that of the new video."""
+    from rf_core.timeline import chunk_start_frame, latent_frames_for, latent_start_frame
 
     if args.frames is not None:
         flag, asked = f"--frames {args.frames}", args.frames
@@ -319,36 +361,52 @@ def _length(args: argparse.Namespace, config: StreamConfig, warnings: list[str])
             f"{flag}: {seconds / 3600:.1f} hours of video at {args.fps:g} fps; at most "
             f"{MAX_SECONDS / 3600:g} hours per run"
         )
-    chunks = latent_frames_for(asked, config.chunk_frames) // config.chunk_frames
-    made = chunk_start_frame(chunks, config.chunk_frames)
+    cf, rest = config.chunk_frames, 4 * config.chunk_frames
+    chunks = latent_frames_for(asked, cf, prefix) // cf
+    opening = latent_start_frame(prefix)  # video frames of the prefix
+    made = chunk_start_frame(chunks, cf) if not prefix else rest * chunks
     if seconds > LONG_SECONDS:
         warnings.append(
             f"{flag} is a long run: {made} frames ({seconds / 3600:.1f} h of video) in {chunks} chunks; "
             "Ctrl-C stops it and keeps the frames so far"
         )
-    first, rest = chunk_start_frame(1, config.chunk_frames), 4 * config.chunk_frames
-    note = (
-        f"{asked} frames asked; whole chunks make {made} ({chunks} chunks: the first of {first} frames, "
-        f"then {rest} each)"
-    )
-    return made, chunks, note if made != asked else ""
+    if prefix:
+        note = (
+            f"{asked} new frames asked; whole chunks make {made} ({chunks} chunks of {rest} frames) after the "
+            f"{opening} input frames"
+        )
+    else:
+        first = chunk_start_frame(1, cf)
+        note = (
+            f"{asked} frames asked; whole chunks make {made} ({chunks} chunks: the first of {first} frames, "
+            f"then {rest} each)"
+        )
+    return opening + made, chunks, note if made != asked else ""
 
 
 def _timeline(
-    args: argparse.Namespace, config: StreamConfig, chunks: int, frames: int, warnings: list[str]
+    args: argparse.Namespace,
+    config: StreamConfig,
+    chunks: int,
+    frames: int,
+    warnings: list[str],
+    prefix: int = 0,
 ) -> dict[int, str]:
-    """Chunk -> prompt. A switch after the video's end is an error; two at one chunk, a warning."""
-    from rf_core.timeline import build_timeline, chunk_start_frame, parse_time
+    """Chunk of the stream -> prompt; after a prefix of ``prefix`` latent frames its prefill chunks
+    count (rf_core/timeline.py). A switch after the video's end is an error; two at one chunk, a warning."""
+    from rf_core.timeline import build_timeline, chunk_start_frame, parse_time, prefill_chunks
 
+    cf = config.chunk_frames
+    total = prefill_chunks(prefix, cf) + chunks
     at = {0: "--prompt"}
     for when, prompt in args.prompt_at:
         with about("--prompt-at", when):
-            chunk = parse_time(when, args.fps, config.chunk_frames)
-        if chunk >= chunks:
+            chunk = parse_time(when, args.fps, cf, prefix)
+        if chunk >= total:
             raise CliError(
                 f"--prompt-at {when}: the switch would come at video frame "
-                f"{chunk_start_frame(chunk, config.chunk_frames)} (chunk {chunk}), after the video's end "
-                f"({frames} frames, {chunks} chunks); give an earlier time or a longer video"
+                f"{chunk_start_frame(chunk, cf, prefix)} (chunk {chunk}), after the video's end "
+                f"({frames} frames, {total} chunks); give an earlier time or a longer video"
             )
         if chunk in at:
             warnings.append(
@@ -356,8 +414,37 @@ def _timeline(
                 f"{prompt!r} replaces it there"
             )
         at[chunk] = f"--prompt-at {when}"
-    timeline = build_timeline(args.prompt, args.prompt_at, args.fps, config.chunk_frames)
+    timeline = build_timeline(args.prompt, args.prompt_at, args.fps, cf, prefix)
     return {c.chunk: c.prompt for c in timeline}
+
+
+def _prefix(args: argparse.Namespace, width: int, height: int, warnings: list[str]) -> torch.Tensor | None:
+    """The --image or --extend frames, fitted to the video's size and trimmed to 1 + 4k (warnings say
+    what changed), or None."""
+    from rf_core.io.video import read_image, read_video
+    from rf_core.prefix import prefix_frames
+
+    if args.image:
+        flag, path = "--image", args.image
+        with about(flag, path):
+            frames = torch.from_numpy(read_image(path))
+    elif args.extend:
+        flag, path = "--extend", args.extend
+        with about(flag, path):
+            video, fps = read_video(path)
+        if len(video) == 0:
+            raise CliError(f"--extend {path}: the video has no frames")
+        if abs(fps - args.fps) > 0.01:
+            warnings.append(
+                f"--extend {path} is {fps:g} fps and the output {args.fps:g} fps (--fps): its frames are kept, "
+                f"so it plays {'slower' if fps > args.fps else 'faster'}; pass --fps {fps:g} to keep its speed"
+            )
+        frames = torch.from_numpy(video)
+    else:
+        return None
+    frames, notes = prefix_frames(frames, width, height, f"{flag} {path}")
+    warnings += notes
+    return frames
 
 
 def _need(path: str | None, what: str, flag: str, folder_ok: bool = False) -> Path:
@@ -379,11 +466,20 @@ def _input_files(args: argparse.Namespace, tiny: bool) -> list[tuple[str, Path]]
     elif not tiny:
         found.append(("--tokenizer", _need(args.tokenizer, "umT5 tokenizer", "--tokenizer", folder_ok=True)))
         found.append(("--text-encoder", _need(args.text_encoder, "umT5-XXL text encoder", "--text-encoder")))
+    if args.image:
+        found.append(("--image", input_path(args.image, "--image", "image")))
+    if args.extend:
+        found.append(("--extend", input_path(args.extend, "--extend", "video")))
     if not tiny and args.decoder == "taehv":
         found.append(("--taehv", _need(args.taehv, "TAEHV decoder", "--taehv")))
-    elif not tiny:
-        found.append(("--vae", _need(args.vae, "Wan VAE", "--vae")))
+    if not tiny and (args.decoder == "wan" or args.image or args.extend):
+        what = "Wan VAE" if args.decoder == "wan" else f"Wan VAE, which encodes {_prefix_flag(args)}"
+        found.append(("--vae", _need(args.vae, what, "--vae")))
     return found
+
+
+def _prefix_flag(args: argparse.Namespace) -> str:
+    return "--image" if args.image else "--extend"
 
 
 def _output(args: argparse.Namespace, inputs: list[tuple[str, Path]]) -> Path:
@@ -508,9 +604,8 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
     return model.eval().requires_grad_(False)
 
 
-def _decoder(args: argparse.Namespace, plan: Plan, tiny: bool):
-    from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
-
+def _wan_vae(args: argparse.Namespace, plan: Plan, tiny: bool):
+    """The Wan VAE, where the run decodes or encodes with it (tiny-random: its own random one), else None."""
     device, dtype = args.device, plan.dtype
     if tiny:
         from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
@@ -518,32 +613,48 @@ def _decoder(args: argparse.Namespace, plan: Plan, tiny: bool):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
             vae = WanVAE(WanVAEConfig(dim=8))
-        return WanStreamDecoder(vae.to(device, dtype).eval())
-    if args.decoder == "taehv":
-        from rf_core.vae.taehv import load_taehv
-
-        with about("--taehv", args.taehv):
-            return TAEHVStreamDecoder(load_taehv(args.taehv, device=device, dtype=dtype))
+        return vae.to(device, dtype).eval()
+    if args.decoder != "wan" and plan.prefix is None:
+        return None
     from rf_core.vae.wan_vae import load_wan_vae
 
     with about("--vae", args.vae):
         vae = load_wan_vae(args.vae, device=device, dtype=dtype)
-    if args.fast:
+    if args.fast and args.decoder == "wan":
         vae.make_fast(compile=device.type == "cuda")
+    return vae
+
+
+def _decoder(args: argparse.Namespace, plan: Plan, vae):
+    from rf_core.vae.stream_decode import TAEHVStreamDecoder, WanStreamDecoder
+
+    if args.decoder == "taehv" and args.model != TINY:
+        from rf_core.vae.taehv import load_taehv
+
+        with about("--taehv", args.taehv):
+            return TAEHVStreamDecoder(load_taehv(args.taehv, device=args.device, dtype=plan.dtype))
     return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
 
 
 # ------------------------------------------------------------------ the stream
 
 
-def _stream(args: argparse.Namespace, plan: Plan, model, cues: dict[int, torch.Tensor], decoder) -> int:
+def _stream(
+    args: argparse.Namespace, plan: Plan, model, cues: dict[int, torch.Tensor], decoder, vae=None
+) -> int:
     from tqdm import tqdm
 
     from rf_core.io.video import Mp4Writer, PngSequenceWriter
     from rf_core.pipeline import AsyncDecoder
     from rf_core.stream import StreamSession
+    from rf_core.timeline import prefill_chunks
 
     session = StreamSession(model, cues[0], (plan.height // 8, plan.width // 8), plan.config, seed=args.seed)
+    if plan.prefix is not None:
+        _prefill(session, decoder, vae, plan, args.device)
+    # cues count the prefill chunks; generated chunk c is chunk c + opening of the stream
+    opening = prefill_chunks(plan.prefix_latents, plan.config.chunk_frames)
+    switches = {chunk - opening: embeds for chunk, embeds in cues.items() if chunk > 0}
     if args.png:
         writer = PngSequenceWriter(plan.out)
         old = _frame_files(writer)
@@ -561,9 +672,12 @@ def _stream(args: argparse.Namespace, plan: Plan, model, cues: dict[int, torch.T
         bar.update()
 
     with writer, tqdm(total=plan.chunks, unit="chunk", desc=COMMAND) as bar:
+        if plan.prefix is not None:  # the input's own frames open the output
+            writer.write(plan.prefix)
+            written += plan.prefix.shape[0]
         for c in range(plan.chunks):
-            if c in cues and c > 0:
-                session.set_prompt(cues[c], recache=args.recache)
+            if c in switches:
+                session.set_prompt(switches[c], recache=args.recache)
             decoder.submit(session.next_chunk())
             if c == 0 or len(decoder.pending) > 1:  # first frames at once, then one chunk behind
                 write(decoder.result())
@@ -577,3 +691,18 @@ def _stream(args: argparse.Namespace, plan: Plan, model, cues: dict[int, torch.T
         file=sys.stderr,
     )
     return 0
+
+
+def _prefill(session, decoder, vae, plan: Plan, device: torch.device) -> None:
+    """Encode the --image / --extend frames, prefill the stream with their latents and prime the
+    decoder with them, so that the first new frames join the input's last frame without a seam."""
+    from tqdm import tqdm
+
+    from rf_core.prefix import encode_prefix
+
+    latents = encode_prefix(vae, plan.prefix)
+    with tqdm(total=latents.shape[1], unit="latent", desc="prefill") as bar:
+        session.prefill(latents, on_chunk=lambda done, _total: bar.update(done - bar.n))
+    step = plan.config.chunk_frames  # chunk by chunk: a long prefix is not decoded in one pass
+    for i in range(0, latents.shape[1], step):
+        decoder.decode_chunk(latents[:, i : i + step].to(device))  # frames dropped: the input's are written

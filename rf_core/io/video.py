@@ -279,6 +279,32 @@ def _video_meta(path: str | os.PathLike) -> dict:
         reader.close()
 
 
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file (PNG, JPEG, WebP...) as uint8 ``[1, H, W, 3]``: the first frame of an animated one,
+    alpha dropped, EXIF rotation applied (as ComfyUI's Load Image does). Raises ValueError when the
+    file is not an image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file (PNG, JPEG, WebP...)") from None
+    return np.asarray(rgb, dtype=np.uint8)[None].copy()
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Every frame of a video file as uint8 ``[F, H, W, 3]``, and its frame rate. Raises ValueError when
+    ffmpeg cannot read the file as a video (the whole video is held in memory)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "video file not found", str(path))
+    try:
+        fps = float(_video_meta(path)["fps"])
+        return read_video_frames(path), fps
+    except (OSError, RuntimeError, KeyError, StopIteration):
+        raise ValueError(f"{path}: not a video file ffmpeg can read") from None
+
+
 def read_video_frames(path: str | os.PathLike) -> np.ndarray:
     """All decoded frames as uint8 ``[F, H, W, 3]`` (for tests and short clips)."""
     import imageio_ffmpeg
