@@ -20,6 +20,7 @@ from rf_core.commands.errors import CliError, about, warning_line
 from rf_core.commands.paths import input_path, output_file, output_folder
 from rf_core.config import PRESETS, SINK_POLICIES, StreamConfig
 from rf_core.prefix import prefix_latent_frames
+from rf_core.profiles import PROFILES
 
 COMMAND = "generate"
 TINY = "tiny-random"
@@ -219,6 +220,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     speed.add_argument(
         "--fp8", action="store_true", help="fp8 GEMMs (Hopper; opt-in, changes the output slightly)"
     )
+    speed.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default=None,
+        help="quality: the --fast path; low-vram: fp8 block weights streamed from host memory, the Wan "
+        "decoder a frame per pass (8-16 GB cards; within ~5%% of quality); turbo: sageattention and "
+        "torchao fp8 GEMMs (opt-in, within ~5%%). Implies --fast (default: none, the path --fast picks)",
+    )
     p.set_defaults(func=run)
 
 
@@ -264,6 +273,12 @@ def plan_run(args: argparse.Namespace, tiny: bool) -> Plan:
     device = args.device
     if device.type != "cuda" and args.attn in ("cudnn", "flash2", "flash3"):
         raise CliError(f"--attn {args.attn}: needs a CUDA device, got --device {device}")
+    if args.profile is not None and args.fp8:
+        raise CliError(
+            f"--profile {args.profile} and --fp8: a profile sets the weights' storage itself; drop --fp8"
+        )
+    if args.profile is not None:
+        args.fast = True  # every profile builds on the fast path
     if device.type != "cuda" and args.fast:
         warnings.append(
             f"--fast on {device.type}: no compilation or CUDA graphs there, only fp32 RoPE and the roped key cache"
@@ -577,7 +592,7 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
             model = load_dit(
                 args.model,
                 preset=args.preset,
-                device=device,
+                device="cpu" if args.profile == "low-vram" else device,  # never whole on the GPU
                 dtype=dtype,
                 prefer_ema=not args.no_ema,
                 attn_backend=args.attn,
@@ -590,7 +605,15 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
                 apply_lora(model, lora, strength)
             except ValueError as e:
                 raise ValueError(f"{e}{hint}") from e
-    if args.fast or args.fp8:
+    if args.profile is not None:
+        from rf_core.profiles import apply_profile
+
+        cuda = device.type == "cuda"
+        with about("--profile", args.profile):
+            args.profile_info = apply_profile(model, args.profile, device, compile=cuda)
+        for line in args.profile_info.warnings:
+            print(warning_line(COMMAND, line), file=sys.stderr)
+    elif args.fast or args.fp8:
         from rf_core.speed import make_fast
 
         cuda = device.type == "cuda"
@@ -633,7 +656,12 @@ def _decoder(args: argparse.Namespace, plan: Plan, vae):
 
         with about("--taehv", args.taehv):
             return TAEHVStreamDecoder(load_taehv(args.taehv, device=args.device, dtype=plan.dtype))
-    return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
+    decoder = WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
+    if args.profile is not None:
+        from rf_core.profiles import profile_decoder
+
+        decoder = profile_decoder(decoder, args.profile_info)
+    return decoder
 
 
 # ------------------------------------------------------------------ the stream
