@@ -444,8 +444,8 @@ def test_load_model_profiles(nodes, rf_model_dir, monkeypatch):
     assert low.dit.offload is not None and low.managed.patcher is None
     assert low.dit.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
     gen = nodes.stream.generate.RewardForcingStreamGenerate()
-    want = gen.generate(quality, cond(), **{**GEN, "length": 21})["result"][0]["samples"]
-    got = gen.generate(low, cond(), **{**GEN, "length": 21})["result"][0]["samples"]
+    want = gen.generate(quality, positive=cond(), **{**GEN, "length": 21})["result"][0]["samples"]
+    got = gen.generate(low, positive=cond(), **{**GEN, "length": 21})["result"][0]["samples"]
     assert 0 < ((got - want).norm() / want.norm()).item() < ERROR_BOUNDS["low-vram"]
 
     monkeypatch.setitem(__import__("sys").modules, "sageattention", None)
