@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +209,11 @@ def torch_load(path: str | Path) -> object:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # legacy (pre-zip) torch.save files cannot be mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            # a plain pickle (not from torch.save) draws a warning about its protocol before it is
+            # refused below with the reason: the warning would be a second, stray line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
             raise _refused(path, e) from e
