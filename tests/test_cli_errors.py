@@ -186,8 +186,6 @@ def test_lengths_beyond_reason_are_refused_and_long_ones_warned(tmp_path, capsys
         capsys, "generate", "--prompt", "x", "--frames", str(16 * 24 * 3600 + 1), "--out", tmp_path / "v.mp4"
     )
     assert_error(rc, err, "generate", "--frames 1382401", "at most 24 hours")
-    rc, err = run(capsys, "generate", "--prompt", "x", "--seconds", "0.01", "--out", tmp_path / "v.mp4")
-    assert_error(rc, err, "generate", "--seconds 0.01: at 16 fps that is no frame")
     # a switch far past the end is refused at once (it used to be searched chunk by chunk)
     rc, err = run(
         capsys,
@@ -209,6 +207,18 @@ def test_lengths_beyond_reason_are_refused_and_long_ones_warned(tmp_path, capsys
     )
     assert_error(rc, err, "generate", "--prompt-at 1s", "video frame 21 (chunk 2)", "after the video's end")
     assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "seconds, asked, made", [("2.0875", 34, 45), ("0.01", 1, 9), ("2", 32, 33), ("0.5625", 9, 9)]
+)
+def test_a_length_in_seconds_is_never_cut_short(tmp_path, seconds, asked, made):
+    argv = ["generate", "--prompt", "x", "--seconds", seconds, "--out", str(tmp_path / "v.mp4")]
+    args = build_parser().parse_args(argv)
+    plan = generate_cmd.plan_run(args, tiny=True)
+    assert 1 + 4 * (plan.chunks * plan.config.chunk_frames - 1) == made >= float(seconds) * 16
+    note = f"{asked} frames asked; whole chunks make {made}"
+    assert any(m.startswith(note) for m in plan.messages) == (asked != made), plan.messages
 
 
 # ----------------------------------------------------------------------------- nothing lost

@@ -7,6 +7,7 @@ then input files, the output path and the prompt timeline.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import zlib
@@ -310,11 +311,9 @@ def _length(args: argparse.Namespace, config: StreamConfig, warnings: list[str])
     if args.frames is not None:
         flag, asked = f"--frames {args.frames}", args.frames
     else:
-        flag, asked = f"--seconds {args.seconds:g}", round(args.seconds * args.fps)
-        if asked < 1:
-            raise CliError(
-                f"{flag}: at {args.fps:g} fps that is no frame; ask for at least {1 / args.fps:.3g} s"
-            )
+        # a started frame counts, so the video is never shorter than asked (round first: 0.3 s at
+        # 10 fps is 3.0000000000000004 frames)
+        flag, asked = f"--seconds {args.seconds:g}", max(1, math.ceil(round(args.seconds * args.fps, 6)))
     seconds = asked / args.fps
     if seconds > MAX_SECONDS:
         raise CliError(
