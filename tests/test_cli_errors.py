@@ -386,6 +386,27 @@ def test_convert_reads_and_fits_loras_before_writing_and_says_what_it_ignores(tm
     assert rc == 0 and "warning" not in err, err  # the generator section is what --no-ema asks for
 
 
+def test_convert_never_replaces_an_output_another_run_made_meanwhile(tmp_path, capsys, monkeypatch):
+    from rf_core.io.checkpoints import DitCheckpoint
+    from rf_core.tiny import random_model
+
+    src, out = tmp_path / "tiny.safetensors", tmp_path / "out.safetensors"
+    save_file(random_model("tiny", seed=3).state_dict(), src)
+    tensor = DitCheckpoint.tensor
+
+    def other_run_finishes_first(self, *a, **k):  # the other run's output lands while this one writes
+        if not out.exists():
+            out.write_bytes(b"the other run's output")
+        return tensor(self, *a, **k)
+
+    monkeypatch.setattr(DitCheckpoint, "tensor", other_run_finishes_first)
+    rc, err = run(capsys, "convert", src, out)
+    line = assert_error(rc, err.splitlines()[-1], "convert", f"{out} appeared while this run was writing it")
+    assert out.read_bytes() == b"the other run's output"
+    (partial,) = tmp_path.glob("out.*.partial.safetensors")  # this run's output, kept and named
+    assert str(partial) in line and partial.stat().st_size > 0
+
+
 def test_download_refuses_a_file_as_its_folder(tmp_path, capsys):
     target = junk(tmp_path / "models")
     rc, err = run(capsys, "download", "--dir", target / "sub")

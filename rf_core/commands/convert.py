@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else ckpt.file_dtype
     describe(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_dit(out, ckpt, dtype=dtype, loras=read)
+    save_dit(out, ckpt, dtype=dtype, loras=read, overwrite=args.overwrite)
     print(
         f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB, {str(dtype).removeprefix('torch.')})",
         file=sys.stderr,
