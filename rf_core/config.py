@@ -97,6 +97,8 @@ class StreamConfig:
             raise ValueError("denoise_steps must hold at least one timestep")
         if any(not 0 < t <= 1000 for t in self.denoise_steps):
             raise ValueError(f"denoise_steps must lie in (0, 1000], got {self.denoise_steps}")
+        if any(a <= b for a, b in zip(self.denoise_steps, self.denoise_steps[1:])):
+            raise ValueError(f"denoise_steps must go from high to low, got {self.denoise_steps}")
         if self.sink_policy == "global":
             if self.max_frames < self.chunk_frames:
                 raise ValueError(f"max_frames {self.max_frames} < chunk_frames {self.chunk_frames}")

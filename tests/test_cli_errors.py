@@ -146,10 +146,14 @@ def embeddings(path: Path, width: int = 64, tokens: int = 8, **entries: str) -> 
         (["--alpha", "1.5"], "argument --alpha: expected a number in [0, 1]"),
         (["--window", "0"], "argument --window: expected a whole number >= 1"),
         (["--sink", "-1"], "argument --sink: expected a whole number >= 0"),
-        (["--lora", "a.safetensors:nan"], "argument --lora: expected a finite strength"),
+        (["--lora", "a.safetensors:nan"], "argument --lora: expected a finite number, got 'nan'"),
         (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
         (["--sink-policy", "forever"], "argument --sink-policy: invalid choice"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        # far beyond reason: they used to fail for want of memory mid-run, or give a black video
+        (["--width", "65536"], "argument --width: expected at most 4096"),
+        (["--lora", "a.safetensors:1e30"], "argument --lora: expected a strength in [-100, 100], got '1e30'"),
+        (["--steps", "250,500,750,1000"], "argument --steps: expected timesteps from high to low"),
     ],
 )
 def test_bad_values_are_refused_while_parsing(tmp_path, capsys, loads, extra, needle):
@@ -182,8 +186,6 @@ def test_lengths_beyond_reason_are_refused_and_long_ones_warned(tmp_path, capsys
         capsys, "generate", "--prompt", "x", "--frames", str(16 * 24 * 3600 + 1), "--out", tmp_path / "v.mp4"
     )
     assert_error(rc, err, "generate", "--frames 1382401", "at most 24 hours")
-    rc, err = run(capsys, "generate", "--prompt", "x", "--seconds", "0.01", "--out", tmp_path / "v.mp4")
-    assert_error(rc, err, "generate", "--seconds 0.01: at 16 fps that is no frame")
     # a switch far past the end is refused at once (it used to be searched chunk by chunk)
     rc, err = run(
         capsys,
@@ -205,6 +207,18 @@ def test_lengths_beyond_reason_are_refused_and_long_ones_warned(tmp_path, capsys
     )
     assert_error(rc, err, "generate", "--prompt-at 1s", "video frame 21 (chunk 2)", "after the video's end")
     assert loads == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "seconds, asked, made", [("2.0875", 34, 45), ("0.01", 1, 9), ("2", 32, 33), ("0.5625", 9, 9)]
+)
+def test_a_length_in_seconds_is_never_cut_short(tmp_path, seconds, asked, made):
+    argv = ["generate", "--prompt", "x", "--seconds", seconds, "--out", str(tmp_path / "v.mp4")]
+    args = build_parser().parse_args(argv)
+    plan = generate_cmd.plan_run(args, tiny=True)
+    assert 1 + 4 * (plan.chunks * plan.config.chunk_frames - 1) == made >= float(seconds) * 16
+    note = f"{asked} frames asked; whole chunks make {made}"
+    assert any(m.startswith(note) for m in plan.messages) == (asked != made), plan.messages
 
 
 # ----------------------------------------------------------------------------- nothing lost
@@ -317,7 +331,16 @@ def test_convert_checks_its_output_like_generate(tmp_path, capsys):
             "LoRA file not found",
         ),
         (
-            [src, tmp_path / "x.safetensors", "--lora-strength", "0.5", "--lora-strength", "1"],
+            [
+                src,
+                tmp_path / "x.safetensors",
+                "--lora",
+                "a.safetensors",
+                "--lora-strength",
+                "0.5",
+                "--lora-strength",
+                "1",
+            ],
             "--lora-strength",
             "got 2",
         ),
@@ -336,12 +359,62 @@ def test_convert_checks_its_output_like_generate(tmp_path, capsys):
     assert_error(rc, err, "convert", "exists; pass --overwrite")
 
 
+def test_convert_reads_and_fits_loras_before_writing_and_says_what_it_ignores(tmp_path, capsys):
+    from rf_core.tiny import random_model
+
+    src = tmp_path / "in" / "tiny.safetensors"
+    src.parent.mkdir()
+    save_file(random_model("tiny", seed=3).state_dict(), src)
+    bad, wide = (
+        junk(tmp_path / "in" / "bad.safetensors"),
+        tiny_lora(tmp_path / "in" / "wide.safetensors", 1536),
+    )
+    out = tmp_path / "x.safetensors"
+    before = snapshot(tmp_path)
+    rc, err = run(capsys, "convert", src, out, "--lora", bad)  # one line: no "read ... tensors" before it
+    assert_error(rc, err, "convert", f"--lora {bad}: not a safetensors file")
+    rc, err = run(capsys, "convert", src, out, "--lora", wide)
+    assert_error(rc, err, "convert", f"--lora {wide}: ", "do not fit the weight [256, 256]")
+    rc, err = run(capsys, "convert", src, out, "--lora-strength", "0.5")
+    assert_error(rc, err, "convert", "--lora-strength 0.5: given without --lora")
+    assert snapshot(tmp_path) == before  # no output, not even a partial one
+    rc, err = run(capsys, "convert", src, out, "--no-ema")
+    assert rc == 0 and f"warning: --no-ema is not used: {src} has no 'generator' section" in err, err
+    nested = tmp_path / "in" / "nested.pt"
+    torch.save({"generator": random_model("tiny", seed=3).state_dict()}, nested)
+    rc, err = run(capsys, "convert", nested, out, "--no-ema", "--overwrite")
+    assert rc == 0 and "warning" not in err, err  # the generator section is what --no-ema asks for
+
+
+def test_convert_never_replaces_an_output_another_run_made_meanwhile(tmp_path, capsys, monkeypatch):
+    from rf_core.io.checkpoints import DitCheckpoint
+    from rf_core.tiny import random_model
+
+    src, out = tmp_path / "tiny.safetensors", tmp_path / "out.safetensors"
+    save_file(random_model("tiny", seed=3).state_dict(), src)
+    tensor = DitCheckpoint.tensor
+
+    def other_run_finishes_first(self, *a, **k):  # the other run's output lands while this one writes
+        if not out.exists():
+            out.write_bytes(b"the other run's output")
+        return tensor(self, *a, **k)
+
+    monkeypatch.setattr(DitCheckpoint, "tensor", other_run_finishes_first)
+    rc, err = run(capsys, "convert", src, out)
+    line = assert_error(rc, err.splitlines()[-1], "convert", f"{out} appeared while this run was writing it")
+    assert out.read_bytes() == b"the other run's output"
+    (partial,) = tmp_path.glob("out.*.partial.safetensors")  # this run's output, kept and named
+    assert str(partial) in line and partial.stat().st_size > 0
+
+
 def test_download_refuses_a_file_as_its_folder(tmp_path, capsys):
     target = junk(tmp_path / "models")
     rc, err = run(capsys, "download", "--dir", target / "sub")
     assert_error(rc, err, "download", "--dir", "models is a file, not a folder")
     rc, err = run(capsys, "download", "--dir", target)
     assert_error(rc, err, "download", "--dir", "is a file; expected a folder")
+    rc, err = run(capsys, "download", "--dir", "")  # not the current folder, silently
+    assert_error(rc, err, "download", "--dir: expected a folder name, got ''")
 
 
 # ----------------------------------------------------------------------------- loaders: one line each
@@ -353,7 +426,7 @@ def test_loader_errors_are_one_line_naming_the_flag(tmp_path, capsys, real_input
     tiny_lora(truncated)
     truncated.write_bytes(truncated.read_bytes()[:-40])
     cases = [
-        (real_argv(real_inputs), "--model", "model.safetensors"),
+        (real_argv(real_inputs), "--vae", "vae.pth"),  # the VAE loads before the model
         ([*TINY, "--lora", bad], f"--lora {bad}", ""),
         ([*TINY, "--lora", truncated], f"--lora {truncated}", ""),
         ([*TINY, "--prompt-embeds", bad], f"--prompt-embeds {bad}", "not a safetensors file"),
@@ -368,6 +441,79 @@ def test_loader_errors_are_one_line_naming_the_flag(tmp_path, capsys, real_input
         rc, err = run(capsys, "generate", "--prompt", "x", *argv, "--out", tmp_path / "o" / "v.mp4")
         assert_error(rc, err, "generate", flag, needle)
     assert not (tmp_path / "o").exists()
+
+
+def tiny_files(folder: Path, model: bool = True) -> dict[str, Path]:
+    """A real tiny DiT (else junk), Wan VAE and prompt-embedding file (tiny-random's sizes)."""
+    from rf_core.vae.wan_vae import WanVAE, WanVAEConfig
+
+    vae = {k: v.contiguous() for k, v in WanVAE(WanVAEConfig(dim=8)).state_dict().items()}
+    save_file(vae, junk(folder / "vae.safetensors"))
+    if model:
+        from rf_core.tiny import random_model
+
+        save_file(random_model("tiny", seed=1).state_dict(), folder / "model.safetensors")
+    else:
+        junk(folder / "model.safetensors")  # never read: what is checked fails first
+    return {
+        "--model": folder / "model.safetensors",
+        "--vae": folder / "vae.safetensors",
+        "--prompt-embeds": embeddings(folder / "e.safetensors", calm="a calm lake"),
+    }
+
+
+def test_every_other_file_is_read_before_the_model(tmp_path, capsys, loads):
+    files = tiny_files(tmp_path / "in", model=False)
+    bad = junk(tmp_path / "bad.safetensors")
+    cases = [
+        ({"--vae": bad}, [], f"--vae {bad}"),
+        ({}, ["--lora", bad], f"--lora {bad}"),
+        (
+            {"--prompt-embeds": None},
+            ["--text-encoder", bad, "--tokenizer", tmp_path / "tok.json"],
+            "--tokenizer",
+        ),
+    ]
+    (tmp_path / "tok.json").write_text('{"model": 3}')
+    for change, extra, needle in cases:
+        argv = real_argv({k: v for k, v in {**files, **change}.items() if v is not None})
+        rc, err = run(capsys, "generate", "--prompt", "calm", *argv, *extra, "--out", tmp_path / "v.mp4")
+        assert_error(rc, err, "generate", needle)
+    assert loads == []  # the DiT never started loading
+
+
+def test_a_plain_pickle_is_one_line(tmp_path, capsys):
+    import pickle
+    import warnings
+
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"generator": {"x": 1}}, f, protocol=4)  # not from torch.save: torch warns about it
+    argv = ["generate", *TINY, "--prompt", "x", "--lora", tmp_path / "plain.pt", "--out", tmp_path / "v.mp4"]
+    with warnings.catch_warnings(record=True) as shown:  # a warning is a second line on a user's stderr
+        warnings.simplefilter("always")
+        rc, err = run(capsys, *argv)
+    assert_error(rc, err, "generate", f"--lora {tmp_path / 'plain.pt'}: cannot read")
+    assert [str(w.message) for w in shown] == []
+
+
+def test_no_ema_on_a_file_without_sections_is_said(tmp_path, capsys):
+    files = tiny_files(tmp_path / "in")
+    rc, err = run(
+        capsys,
+        "generate",
+        "--prompt",
+        "calm",
+        *real_argv(files),
+        *TINY[2:],
+        "--no-ema",
+        "--out",
+        tmp_path / "v.mp4",
+    )
+    assert rc == 0, err
+    assert (
+        f"reward-forcing generate: warning: --no-ema is not used: {files['--model']} has no 'generator'"
+        in err
+    )
 
 
 def test_a_lora_for_another_model_size_is_refused_with_the_reason(tmp_path, capsys):
@@ -493,6 +639,28 @@ run: {steps: 1, save_every: 1, output_dir: OUT, device: cpu}
         (TRAIN_OK, ["--set", "run.steps=[1"], ["--set run.steps=[1: the value is not valid YAML"]),
         (TRAIN_OK, ["--set", "run.device=warp9"], ["run.device 'warp9': expected cpu, cuda"]),
         (TRAIN_OK, ["--resume", "nope.pt"], ["--resume nope.pt: training checkpoint file not found"]),
+        # values that used to fail after the models loaded, or not at all
+        ("video: {height: 0}\n", [], ["video.height/width must be positive multiples of 16, got 0x832"]),
+        ("video: {chunk_frames: 0}\n", [], ["video.chunk_frames must be >= 1, got 0"]),
+        ("video: {denoise_steps: [250, 1000]}\n", [], ["video: denoise_steps must go from high to low"]),
+        ("optim: {lr: .nan}\n", [], ["optim.lr must be a finite number, got nan"]),
+        ("optim: {lr: -1.0e-5}\n", [], ["optim.lr must be >= 0, got -1e-05"]),
+        ("optim: {betas: [0.9]}\n", [], ["optim.betas must be two numbers in [0, 1), got (0.9,)"]),
+        ("optim: {betas: [a, b]}\n", [], ["optim.betas[0] must be a number, got 'a'"]),
+        ("optim: {ema_decay: 1.5}\n", [], ["optim.ema_decay must be in [0, 1], got 1.5"]),
+        ("loss: {min_timestep: 990}\n", [], ["loss.min_timestep / max_timestep must be 0 <= min < max"]),
+        ("loss: {beta: .inf}\n", [], ["loss.beta must be a finite number"]),
+        ("run: {keep_checkpoints: 0}\n", [], ["run.keep_checkpoints must be >= 1, got 0"]),
+        ("run: {output_name: ../x}\n", [], ["run.output_name must be a file name without folders"]),
+        (
+            "lora: {enabled: true, targets: [attn.qq]}\n",
+            [],
+            ["lora.targets ['attn.qq'] match no linear layer"],
+        ),
+        ("lora: {enabled: true, rank: 0}\n", [], ["lora.rank must be >= 1, got 0"]),
+        ("model: {random_preset: huge}\n", [], ["model.random_preset 'huge' is not a preset"]),
+        ("model: {attn_backend: fastest}\n", [], ["model.attn_backend must be one of"]),
+        (TRAIN_OK, ["--set", "run.output_dir=''"], ["run.output_dir: expected a folder name, got ''"]),
     ],
 )
 def test_train_config_errors_are_one_line(tmp_path, capsys, loads, monkeypatch, text, extra, needles):
@@ -528,6 +696,79 @@ def test_train_files_and_outputs_are_checked_before_loading(tmp_path, capsys, lo
     rc, err = run(capsys, "train", "--config", cfg)
     assert_error(rc, err, "train", "run.output_name 'redmd'", "which is the model.student input")
     assert snapshot(tmp_path) == before and loads == []
+
+
+@pytest.fixture
+def models_refused(monkeypatch) -> list[str]:
+    """The DiT loads of training refused (the rest of build_trainer runs): what must fail, fails first."""
+    calls: list[str] = []
+
+    def refuse(*a, **k):
+        calls.append("model")
+        raise AssertionError("a DiT was loaded before the checks ended")
+
+    monkeypatch.setattr("rf_core.tiny.random_model", refuse)
+    monkeypatch.setattr("rf_core.io.checkpoints.load_dit", refuse)
+    return calls
+
+
+def test_train_files_and_reward_fail_before_the_models_and_name_their_key(tmp_path, capsys, models_refused):
+    bad = junk(tmp_path / "bad.safetensors")
+    cases = [
+        ("data: {prompt_embeddings: BAD}\n", f"data.prompt_embeddings {bad}: not a safetensors file"),
+        ("model: {random_preset: tiny, vae: BAD}\n", f"model.vae {bad}: not a safetensors file"),
+        (
+            "reward: {kind: videoalign, options: {path: nowhere}}\n",
+            "reward.kind 'videoalign': nowhere: no model_config.json",
+        ),
+        ("reward: {kind: 'json:dumps'}\n", "reward.kind 'json:dumps' scores decoded frames: give model.vae"),
+    ]
+    for extra, needle in cases:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(TRAIN_OK.replace("OUT", str(tmp_path / "run")) + extra.replace("BAD", str(bad)))
+        rc, err = run(capsys, "train", "--config", cfg)
+        assert_error(rc, err, "train", needle)
+    assert models_refused == []
+
+
+def test_an_earlier_run_is_continued_or_replaced_only_when_asked(tmp_path, capsys):
+    out = tmp_path / "run"
+    old = junk(out / "checkpoints" / "step_0000050.pt")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TRAIN_OK.replace("OUT", str(out)))
+    before = snapshot(tmp_path)
+    rc, err = run(capsys, "train", "--config", cfg)
+    assert_error(
+        rc, err, "train", f"run.output_dir {out}: holds an earlier run ({old})", "--resume", "--overwrite"
+    )
+    assert snapshot(tmp_path) == before
+    rc, err = run(capsys, "train", "--config", cfg, "--overwrite")
+    assert rc == 0, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_0000001.pt"
+    ]  # the old run's went
+    rc, err = run(
+        capsys, "train", "--config", cfg, "--resume"
+    )  # run.steps 1: the checkpoint is there already
+    assert (
+        rc == 0 and "warning: run.steps 1: the checkpoint is at step 1 already, so nothing is trained" in err
+    )
+
+
+def test_train_settings_that_are_not_used_are_said(tmp_path, capsys, monkeypatch):
+    def stop(*a, **k):
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr("rf_core.train.setup.build_trainer", stop)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TRAIN_OK.replace("OUT", str(tmp_path / "run")))
+    rc, err = run(
+        capsys, "train", "--config", cfg, "--set", "lora.rank=8", "--set", "reward.options={pool: 2}"
+    )
+    assert rc == 2 and err.splitlines()[:2] == [
+        "reward-forcing train: warning: lora.rank not used: lora.enabled is false (full fine-tuning)",
+        "reward-forcing train: warning: reward.options ['pool'] not used: reward.kind is none",
+    ], err
 
 
 def test_bad_resume_file_is_one_line(tmp_path, capsys):

@@ -41,10 +41,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def finite_float(text: str) -> float:
-    return _number(text, float)
-
-
 def frame_rate(text: str) -> float:
     value = _number(text, float)
     if not 0.1 <= value <= 240:
@@ -59,11 +55,22 @@ def unit_float(text: str) -> float:
     return value
 
 
+# The largest width or height, as in the nodes' size widgets: the model was trained at 832x480, and
+# far larger sizes only fail later, in the middle of a run, for want of memory.
+MAX_VIDEO_SIZE = 4096
+# A LoRA strength's range, as in ComfyUI's LoRA loader; far beyond it the video is garbage (1e30: black).
+MAX_LORA_STRENGTH = 100.0
+
+
 def video_size(text: str) -> int:
     """A width or height: the VAE downsamples by 8 and the DiT patches by 2, so multiples of 16."""
     value = _number(text, int)
     if value < 16 or value % 16:
         raise ArgumentTypeError(f"expected a positive multiple of 16 (e.g. 832, 480), got {text!r}")
+    if value > MAX_VIDEO_SIZE:
+        raise ArgumentTypeError(
+            f"expected at most {MAX_VIDEO_SIZE} (the model was trained at 832x480), got {text!r}"
+        )
     return value
 
 
@@ -75,7 +82,7 @@ def seed(text: str) -> int:
 
 
 def timesteps(text: str) -> tuple[float, ...]:
-    """Comma-separated denoising timesteps in (0, 1000], e.g. ``1000,750,500,250``."""
+    """Comma-separated denoising timesteps in (0, 1000], from high to low, e.g. ``1000,750,500,250``."""
     try:
         steps = tuple(float(s) for s in text.split(","))
     except ValueError:
@@ -84,7 +91,18 @@ def timesteps(text: str) -> tuple[float, ...]:
         ) from None
     if not all(math.isfinite(t) and 0 < t <= 1000 for t in steps):
         raise ArgumentTypeError(f"expected timesteps in (0, 1000], got {text!r}")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ArgumentTypeError(f"expected timesteps from high to low (denoising order), got {text!r}")
     return steps
+
+
+def lora_strength(text: str) -> float:
+    value = _number(text, float)
+    if abs(value) > MAX_LORA_STRENGTH:
+        raise ArgumentTypeError(
+            f"expected a strength in [-{MAX_LORA_STRENGTH:g}, {MAX_LORA_STRENGTH:g}], got {text!r}"
+        )
+    return value
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -93,12 +111,11 @@ def lora_spec(text: str) -> tuple[str, float]:
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
-            strength = float(tail)
+            float(tail)
         except ValueError:
             path, strength = text, 1.0
         else:
-            if not math.isfinite(strength):
-                raise ArgumentTypeError(f"expected a finite strength after ':', got {tail!r}")
+            strength = lora_strength(tail)
     else:
         path, strength = text, 1.0
     if not path:

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from rf_core.commands import argtypes
-from rf_core.commands.errors import CliError, about
+from rf_core.commands.errors import CliError, about, warn
 from rf_core.commands.paths import input_path, output_file
 from rf_core.config import PRESETS
 from rf_core.io.checkpoints import DitCheckpoint, open_dit_checkpoint, save_dit
+from rf_core.lora import load_lora, lora_param_deltas
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMAT_CHOICES = (
@@ -66,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--lora-strength",
         action="append",
-        type=argtypes.finite_float,
+        type=argtypes.lora_strength,
         default=[],
         metavar="S",
         help="strength per --lora, in order; one value applies to all (default: 1.0)",
@@ -76,6 +77,8 @@ def register(subparsers) -> None:
 
 
 def lora_specs(loras: list[str], strengths: list[float]) -> list[tuple[str, float]]:
+    if strengths and not loras:
+        raise CliError(f"--lora-strength {strengths[0]:g}: given without --lora (there is nothing to merge)")
     if not strengths:
         strengths = [1.0] * len(loras)
     elif len(strengths) == 1:
@@ -92,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = [("input", input_path(args.input, "input", "checkpoint", folder_ok=True))]
     inputs += [("--lora", input_path(path, "--lora", "LoRA")) for path, _ in loras]
     out = output_file(args.output, "output", suffix=".safetensors", inputs=inputs, overwrite=args.overwrite)
+    read = []
+    for path, strength in loras:  # small files, read before the checkpoint
+        with about("--lora", path):
+            read.append((load_lora(path), strength))
     with about("input", args.input):
         ckpt = open_dit_checkpoint(
             args.input,
@@ -108,15 +115,29 @@ def run(args: argparse.Namespace) -> int:
         inputs=[("input", Path(p)) for p in ckpt.info.paths],
         overwrite=args.overwrite,
     )
+    shapes = {k: t.shape for k, t in ckpt.canonical.weights.items()}
+    for (path, _), (lora, _) in zip(loras, read):  # each LoRA fits this model, before anything is written
+        with about("--lora", path):
+            lora_param_deltas(lora, shapes)
+    if args.no_ema and (text := no_ema_unused(args.input, ckpt.info.section)):
+        warn("convert", text)
     dtype = DTYPES[args.dtype] if args.dtype else ckpt.file_dtype
     describe(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_dit(out, ckpt, dtype=dtype, loras=loras)
+    save_dit(out, ckpt, dtype=dtype, loras=read, overwrite=args.overwrite)
     print(
         f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB, {str(dtype).removeprefix('torch.')})",
         file=sys.stderr,
     )
     return 0
+
+
+def no_ema_unused(path: str, section: str | None) -> str | None:
+    """The warning for --no-ema when the weights read are not a 'generator' section (the file has
+    none to prefer over generator_ema), else None."""
+    if "generator" in (section or "").split("/"):
+        return None
+    return f"--no-ema is not used: {path} has no 'generator' section (read: {section or 'the top level'})"
 
 
 def describe(ckpt: DitCheckpoint) -> None:

@@ -7,6 +7,7 @@ then input files, the output path and the prompt timeline.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import zlib
@@ -253,12 +254,18 @@ class Plan:
 def run(args: argparse.Namespace) -> int:
     tiny = args.model == TINY
     plan = plan_run(args, tiny)
-    embeds = _prompt_embeddings(args, plan)  # a prompt-embedding file is read before the model
-    model = _load_model(args, plan, tiny)
-    embed = _prompt_source(args, model.cfg, embeds, plan, tiny)
-    cues = {c: embed(prompt) for c, prompt in plan.cues.items()}
+    # every other file before the DiT, so that a bad one fails before the long load
+    embeds = _prompt_embeddings(args, plan)
+    loras = _read_loras(args)
     vae = _wan_vae(args, plan, tiny)
     decoder = _decoder(args, plan, vae)
+    cues = _encode_prompts(args, embeds, plan, tiny)
+    model = _load_model(args, plan, tiny, loras)
+    _check_prompt_embeddings(args, model.cfg, embeds, tiny)
+    if args.profile is not None:
+        from rf_core.profiles import profile_decoder
+
+        decoder = profile_decoder(decoder, args.profile_info)
     for line in plan.messages:  # after every check and load: a failed run prints its error alone
         print(line, file=sys.stderr)
     return _stream(args, plan, model, cues, decoder, vae)
@@ -365,11 +372,9 @@ def _length(
     if args.frames is not None:
         flag, asked = f"--frames {args.frames}", args.frames
     else:
-        flag, asked = f"--seconds {args.seconds:g}", round(args.seconds * args.fps)
-        if asked < 1:
-            raise CliError(
-                f"{flag}: at {args.fps:g} fps that is no frame; ask for at least {1 / args.fps:.3g} s"
-            )
+        # a started frame counts, so the video is never shorter than asked (round first: 0.3 s at
+        # 10 fps is 3.0000000000000004 frames)
+        flag, asked = f"--seconds {args.seconds:g}", max(1, math.ceil(round(args.seconds * args.fps, 6)))
     seconds = asked / args.fps
     if seconds > MAX_SECONDS:
         raise CliError(
@@ -556,29 +561,50 @@ def _tiny_prompt(text: str, cfg) -> torch.Tensor:
     return random_prompt(cfg, tokens=min(cfg.text_len, 1 + len(text.split())), seed=zlib.crc32(text.encode()))
 
 
-def _prompt_source(args: argparse.Namespace, model_cfg, embeds, plan: Plan, tiny: bool):
-    """A function prompt text -> embeddings [1, L, text_dim]."""
+def _encode_prompts(args: argparse.Namespace, embeds, plan: Plan, tiny: bool) -> dict[int, torch.Tensor]:
+    """Chunk -> prompt embeddings [1, L, text_dim]. The text encoder runs before the DiT loads and is
+    freed when done: it fails first if it is bad, and its memory is not held during the stream."""
     if embeds is not None:
-        hint = " (tiny-random is a small random model)" if tiny else ""
-        for name, e in embeds.entries.items():
-            tokens, width = e.embeds.shape
-            if width != model_cfg.text_dim or tokens > model_cfg.text_len:
-                raise CliError(
-                    f"--prompt-embeds {args.prompt_embeds}: entry {name!r} is {tokens} tokens x {width}, "
-                    f"the model takes at most {model_cfg.text_len} tokens x {model_cfg.text_dim}{hint}"
-                )
-        return lambda text: _lookup(embeds, text).embeds[None]
+        return {c: _lookup(embeds, prompt).embeds[None] for c, prompt in plan.cues.items()}
     if tiny:
-        return lambda text: _tiny_prompt(text, model_cfg)
+        from rf_core.config import get_preset
+
+        cfg = get_preset("tiny")  # tiny-random's model
+        return {c: _tiny_prompt(prompt, cfg) for c, prompt in plan.cues.items()}
     from rf_core.text import TextEncoder
 
     with about(f"--text-encoder {args.text_encoder} / --tokenizer {args.tokenizer}"):
         enc = TextEncoder.from_files(args.tokenizer, args.text_encoder, device=args.device, dtype=plan.dtype)
-    return lambda text: enc.encode_prompts([text])
+    return {c: enc.encode_prompts([prompt]) for c, prompt in plan.cues.items()}
 
 
-def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
-    from rf_core.lora import apply_lora, load_lora
+def _check_prompt_embeddings(args: argparse.Namespace, model_cfg, embeds, tiny: bool) -> None:
+    """Every entry of a prompt-embedding file fits the model."""
+    if embeds is None:
+        return
+    hint = " (tiny-random is a small random model)" if tiny else ""
+    for name, e in embeds.entries.items():
+        tokens, width = e.embeds.shape
+        if width != model_cfg.text_dim or tokens > model_cfg.text_len:
+            raise CliError(
+                f"--prompt-embeds {args.prompt_embeds}: entry {name!r} is {tokens} tokens x {width}, "
+                f"the model takes at most {model_cfg.text_len} tokens x {model_cfg.text_dim}{hint}"
+            )
+
+
+def _read_loras(args: argparse.Namespace) -> list[tuple[str, object, float]]:
+    """(file, LoRA, strength) of each --lora: small files, read before the model."""
+    from rf_core.lora import load_lora
+
+    out = []
+    for path, strength in args.lora:
+        with about("--lora", path):
+            out.append((path, load_lora(path), strength))
+    return out
+
+
+def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool, loras: list):
+    from rf_core.lora import apply_lora
 
     device, dtype = args.device, plan.dtype
     if tiny:
@@ -597,10 +623,14 @@ def _load_model(args: argparse.Namespace, plan: Plan, tiny: bool):
                 prefer_ema=not args.no_ema,
                 attn_backend=args.attn,
             )
+    if args.no_ema and not tiny:
+        from rf_core.commands.convert import no_ema_unused
+
+        if text := no_ema_unused(args.model, model.load_info.section):
+            plan.messages.append(warning_line(COMMAND, text))
     hint = " (tiny-random is a small random model: only a LoRA trained on it fits)" if tiny else ""
-    for path, strength in args.lora:
+    for path, lora, strength in loras:
         with about("--lora", path):
-            lora = load_lora(path)
             try:
                 apply_lora(model, lora, strength)
             except ValueError as e:
@@ -656,12 +686,7 @@ def _decoder(args: argparse.Namespace, plan: Plan, vae):
 
         with about("--taehv", args.taehv):
             return TAEHVStreamDecoder(load_taehv(args.taehv, device=args.device, dtype=plan.dtype))
-    decoder = WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
-    if args.profile is not None:
-        from rf_core.profiles import profile_decoder
-
-        decoder = profile_decoder(decoder, args.profile_info)
-    return decoder
+    return WanStreamDecoder(vae, latents_per_step=1 if args.fast else None)
 
 
 # ------------------------------------------------------------------ the stream

@@ -72,6 +72,8 @@ def output_file(
 
 def output_folder(path: str, flag: str, *, inputs: Inputs) -> Path:
     """A folder to write files into: not an existing file, not an input, writable or creatable."""
+    if not path.strip():
+        raise CliError(f"{flag}: expected a folder name, got {path!r}")
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise CliError(f"{flag} {path}: is a file; expected a folder")

@@ -14,6 +14,7 @@ import yaml
 from rf_core.commands import argtypes
 from rf_core.commands.errors import CliError, about, one_line, warn
 from rf_core.commands.paths import input_path, output_folder, same_file
+from rf_core.train.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 
 COMMAND = "train"
 
@@ -65,6 +66,12 @@ def register(subparsers) -> None:
         metavar="FILE",
         help="continue from the newest checkpoint in run.output_dir/checkpoints, or from FILE "
         "(default: start fresh)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run.output_dir that holds an earlier run, deleting its checkpoints and "
+        "metrics (without it, such a folder is refused unless --resume continues the run)",
     )
     p.add_argument(
         "--set",
@@ -143,9 +150,12 @@ def check_config(config, args: argparse.Namespace) -> list[tuple[str, Path]]:
         try:
             argtypes.device(config.run.device)
         except argparse.ArgumentTypeError as e:
-            raise CliError(f"run.device {config.run.device!r}: {e}") from None
+            hint = str(e).replace("use --device cpu", "set run.device: cpu")
+            raise CliError(f"run.device {config.run.device!r}: {hint}") from None
     if args.resume not in (None, "latest"):
         inputs.append(("--resume", input_path(args.resume, "--resume", "training checkpoint")))
+        with about("--resume", args.resume):  # a bad file fails now, not after the models load
+            load_checkpoint(args.resume)
     inputs.append(("--config", Path(args.config)))
     out = output_folder(config.run.output_dir, "run.output_dir", inputs=inputs)
     export = out / f"{config.run.output_name}.safetensors"
@@ -155,9 +165,58 @@ def check_config(config, args: argparse.Namespace) -> list[tuple[str, Path]]:
                 f"run.output_name {config.run.output_name!r}: the trained weights would go to {export}, "
                 f"which is the {key} input; choose another run.output_dir or run.output_name"
             )
+    earlier = earlier_run(out, export)
+    if earlier and args.resume is None and not args.overwrite:
+        raise CliError(
+            f"run.output_dir {config.run.output_dir}: holds an earlier run ({earlier}); pass --resume to "
+            "continue it, --overwrite to start afresh there, or choose another run.output_dir"
+        )
+    warnings += unused_settings(config)
     for text in warnings:  # only once every check has passed: an error stays the only line
         warn(COMMAND, text)
     return inputs
+
+
+def _build(config, dist):
+    """The trainer; a failure while loading names the config key of the file it came from (the
+    loaders' messages start with the file)."""
+    from rf_core.train.setup import build_trainer
+
+    try:
+        return build_trainer(config, dist)
+    except (ValueError, OSError) as e:
+        text = one_line(e)
+        for key in INPUT_KEYS:
+            value = getattr(getattr(config, key.split(".")[0]), key.split(".")[1])
+            if value and any(text.startswith(f"{name}:") for name in (value, str(Path(value)))):
+                raise CliError(f"{key} {text}") from e
+        raise
+
+
+def earlier_run(out: Path, export: Path) -> str:
+    """What an earlier run left in ``out`` (its newest checkpoint, metrics or weights), or ''."""
+    found = [latest_checkpoint(out / "checkpoints"), out / "metrics.csv", export]
+    return next((str(p) for p in found if p is not None and p.exists()), "")
+
+
+def unused_settings(config) -> list[str]:
+    """Warnings for config values that the run does not use: LoRA settings with lora.enabled false,
+    reward options with no reward. Only values that differ from the defaults are named."""
+    from rf_core.train.config import LoraConfig
+
+    out = []
+    if not config.lora.enabled:
+        default = LoraConfig()
+        changed = [
+            f"lora.{k}"
+            for k in ("rank", "alpha", "targets", "critic")
+            if getattr(config.lora, k) != getattr(default, k)
+        ]
+        if changed:
+            out.append(f"{', '.join(changed)} not used: lora.enabled is false (full fine-tuning)")
+    if config.reward.kind == "none" and config.reward.options:
+        out.append(f"reward.options {sorted(config.reward.options)} not used: reward.kind is none")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,13 +224,12 @@ def run(args: argparse.Namespace) -> int:
 
     from rf_core.train.distributed import destroy, init_distributed
     from rf_core.train.metrics import MetricsLog
-    from rf_core.train.setup import build_trainer
 
     config = load_config(args.config, parse_overrides(args.set))
     inputs = check_config(config, args)
     dist = init_distributed(config.run.device or None)
     try:
-        trainer = build_trainer(config, dist)
+        trainer = _build(config, dist)
         if args.resume is not None:
             with about("--resume", args.resume):
                 path = trainer.resume(None if args.resume == "latest" else args.resume)
@@ -181,9 +239,19 @@ def run(args: argparse.Namespace) -> int:
                     if path
                     else "no checkpoint yet: starting fresh"
                 )
+            if path and trainer.step >= config.run.steps and dist.is_main:
+                warn(
+                    COMMAND,
+                    f"run.steps {config.run.steps}: the checkpoint is at step {trainer.step} already, so "
+                    "nothing is trained; the weights are exported as they are (raise run.steps to go on)",
+                )
         out = Path(config.run.output_dir)
         log = None
         if dist.is_main:
+            if args.overwrite and args.resume is None:  # start afresh: the earlier run's steps go
+                for _, old in list_checkpoints(out / "checkpoints"):
+                    old.unlink()
+                (out / "metrics.csv").unlink(missing_ok=True)
             out.mkdir(parents=True, exist_ok=True)
             saved = out / "config.yaml"
             if any(same_file(saved, path) for _, path in inputs):

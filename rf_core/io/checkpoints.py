@@ -355,9 +355,11 @@ def save_dit(
     dtype: torch.dtype | None = None,
     loras: Sequence[LoraSpec] = (),
     extra_metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write ``ckpt`` as a canonical safetensors file: Wan key names, one dtype, fp8 dequantised,
-    LoRAs merged, metadata with the source layout and the config. Tensor by tensor, atomically."""
+    LoRAs merged, metadata with the source layout and the config. Tensor by tensor, atomically;
+    overwrite=False never replaces a file another run made meanwhile (``write_safetensors``)."""
     dtype = dtype or ckpt.file_dtype
     shapes = {k: t.shape for k, t in ckpt.canonical.weights.items()}
     deltas: dict[str, list] = {}
@@ -386,4 +388,4 @@ def save_dit(
         "rf_loras": json.dumps(info.loras),
         **dict(extra_metadata or {}),
     }
-    write_safetensors(path, {k: (s, dtype) for k, s in shapes.items()}, produce, metadata)
+    write_safetensors(path, {k: (s, dtype) for k, s in shapes.items()}, produce, metadata, overwrite)

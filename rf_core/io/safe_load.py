@@ -24,12 +24,15 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from rf_core.io.partial import partial_path, publish
 
 
 class CheckpointError(ValueError):
@@ -208,7 +211,11 @@ def torch_load(path: str | Path) -> object:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # legacy (pre-zip) torch.save files cannot be mapped
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            # a plain pickle (not from torch.save) draws a warning about its protocol before it is
+            # refused below with the reason: the warning would be a second, stray line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):
             raise _refused(path, e) from e
@@ -304,11 +311,14 @@ def write_safetensors(
     layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     produce: Callable[[str], torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Write a safetensors file tensor by tensor, atomically (temp file + rename).
+    """Write a safetensors file tensor by tensor, atomically (a partial file unique to the run, then
+    moved onto ``path``; ``rf_core.io.partial``).
 
     ``layout`` gives each key's shape and dtype (the header comes first); ``produce(key)`` returns the
-    tensor, so only one tensor needs to be in memory at a time.
+    tensor, so only one tensor needs to be in memory at a time. overwrite=False refuses to replace a
+    ``path`` that another run made meanwhile (FileExistsError naming the kept partial file).
     """
     path = Path(path)
     header: dict[str, object] = {}
@@ -325,7 +335,7 @@ def write_safetensors(
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = partial_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
@@ -340,10 +350,10 @@ def write_safetensors(
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    publish(tmp, path, overwrite=overwrite)
 
 
 def save_tensors(

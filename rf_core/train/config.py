@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from rf_core.config import PRESETS
+from rf_core.model.attention import BACKENDS
+from rf_core.model.dit import WanDiT
 from rf_core.text.embeddings import WAN_NEGATIVE_PROMPT
-from rf_core.train.lora_train import DEFAULT_TARGETS
+from rf_core.train.lora_train import DEFAULT_TARGETS, matches
 from rf_core.train.rewards import check_reward_kind
+from rf_core.train.rollout import training_stream_config
 
 
 @dataclass
@@ -118,8 +125,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         v, o, r = self.video, self.optim, self.run
-        if v.height % 16 or v.width % 16:
-            raise ValueError(f"video height/width must be multiples of 16, got {v.height}x{v.width}")
+        if min(v.height, v.width) < 16 or v.height % 16 or v.width % 16:
+            raise ValueError(f"video.height/width must be positive multiples of 16, got {v.height}x{v.width}")
+        if v.chunk_frames < 1:
+            raise ValueError(f"video.chunk_frames must be >= 1, got {v.chunk_frames}")
         if v.frames <= 0 or v.frames % v.chunk_frames:
             raise ValueError(
                 f"video.frames {v.frames} must be a positive multiple of chunk_frames {v.chunk_frames}"
@@ -137,10 +146,72 @@ class TrainConfig:
             raise ValueError(f"run.export must be 'ema' or 'raw', got {r.export!r}")
         if r.save_every < 1 or r.steps < 1:
             raise ValueError(f"run.steps and run.save_every must be >= 1, got {r.steps} and {r.save_every}")
+        if r.keep_checkpoints < 1:
+            raise ValueError(f"run.keep_checkpoints must be >= 1, got {r.keep_checkpoints}")
+        if not r.output_name or Path(r.output_name).name != r.output_name or r.output_name in (".", ".."):
+            raise ValueError(
+                f"run.output_name must be a file name without folders (they go in run.output_dir), "
+                f"got {r.output_name!r}"
+            )
+        self._check_numbers()
+        try:
+            training_stream_config(
+                v.denoise_steps, self.loss.timestep_shift, v.chunk_frames, v.sink_frames, v.window_frames
+            )
+        except ValueError as err:
+            raise ValueError(f"video: {err}") from None
+        if self.model.random_preset and self.model.random_preset not in PRESETS:
+            raise ValueError(
+                f"model.random_preset {self.model.random_preset!r} is not a preset; expected one of {sorted(PRESETS)}"
+            )
+        if self.model.attn_backend not in BACKENDS:
+            raise ValueError(f"model.attn_backend must be one of {BACKENDS}, got {self.model.attn_backend!r}")
+        if self.lora.enabled:
+            with torch.device("meta"):  # the layer names of every Wan DiT, whatever its size
+                names = [
+                    n for n, m in WanDiT(PRESETS["tiny"]).named_modules() if isinstance(m, torch.nn.Linear)
+                ]
+            if not any(matches(n, self.lora.targets) for n in names):
+                raise ValueError(
+                    f"lora.targets {list(self.lora.targets)} match no linear layer of the DiT "
+                    f"(e.g. {', '.join(DEFAULT_TARGETS[:3])})"
+                )
         try:
             check_reward_kind(self.reward.kind)
         except ValueError as err:
             raise ValueError(f"reward.kind: {err}") from None
+
+    def _check_numbers(self) -> None:
+        """Ranges of the optimiser, loss and LoRA numbers (finiteness is checked when they are read)."""
+        o, loss, lora = self.optim, self.loss, self.lora
+        ranges = [
+            ("optim.lr", o.lr, o.lr >= 0, ">= 0"),  # 0 holds a model still (tests, ablations)
+            ("optim.lr_critic", o.lr_critic, o.lr_critic >= 0, ">= 0"),
+            (
+                "optim.betas",
+                o.betas,
+                len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+                "two numbers in [0, 1)",
+            ),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+            ("optim.eps", o.eps, o.eps > 0, "> 0"),
+            ("optim.grad_clip", o.grad_clip, o.grad_clip > 0, "> 0"),
+            ("optim.ema_decay", o.ema_decay, 0 <= o.ema_decay <= 1, "in [0, 1]"),
+            ("optim.ema_start_step", o.ema_start_step, o.ema_start_step >= 0, ">= 0"),
+            ("loss.guidance_scale", loss.guidance_scale, loss.guidance_scale >= 0, ">= 0"),
+            ("loss.timestep_shift", loss.timestep_shift, loss.timestep_shift > 0, "> 0"),
+            (
+                "loss.min_timestep / max_timestep",
+                (loss.min_timestep, loss.max_timestep),
+                0 <= loss.min_timestep < loss.max_timestep <= 1000,
+                "0 <= min < max <= 1000",
+            ),
+            ("lora.rank", lora.rank, lora.rank >= 1, ">= 1"),
+            ("lora.alpha", lora.alpha, lora.alpha > 0, "> 0"),
+        ]
+        for key, value, ok, expected in ranges:
+            if not ok:
+                raise ValueError(f"{key} must be {expected}, got {value}")
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -179,15 +250,15 @@ def _build(section_cls, value, where: str):
         if isinstance(default, tuple):
             if not isinstance(v, list | tuple):
                 raise ValueError(f"{where}.{k} must be a list, got {v!r}")
-            v = tuple(v)
+            kind = type(default[0]) if default else None
+            v = tuple(_number(x, f"{where}.{k}[{i}]") if kind is float else x for i, x in enumerate(v))
+            if kind is str and not all(isinstance(x, str) for x in v):
+                raise ValueError(f"{where}.{k} must be a list of strings, got {list(v)!r}")
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise ValueError(f"{where}.{k} must be true or false, got {v!r}")
-        elif isinstance(default, float) and isinstance(v, int | float | str) and not isinstance(v, bool):
-            try:  # YAML 1.1 reads "2e-6" (no dot) as a string
-                v = float(v)
-            except ValueError:
-                raise ValueError(f"{where}.{k} must be a number, got {v!r}") from None
+        elif isinstance(default, float):
+            v = _number(v, f"{where}.{k}")
         elif not isinstance(v, type(default)) or isinstance(v, bool):
             kind = {int: "a whole number", float: "a number", str: "a string", dict: "a mapping"}.get(
                 type(default), type(default).__name__
@@ -195,6 +266,19 @@ def _build(section_cls, value, where: str):
             raise ValueError(f"{where}.{k} must be {kind}, got {v!r}")
         kwargs[k] = v
     return section_cls(**kwargs)
+
+
+def _number(v, where: str) -> float:
+    """A finite number; YAML 1.1 reads "2e-6" (no dot) as a string, so numeric strings count."""
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        number = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number, got {v!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number, got {v!r}")
+    return number
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
+from rf_core.config import DiTConfig, get_preset
 from rf_core.train.config import TrainConfig
 from rf_core.train.distributed import DistInfo
-from rf_core.train.rewards import build_reward
+from rf_core.train.rewards import build_reward, needs_pixels
 from rf_core.train.trainer import Decoder, PromptSet, ReDMDTrainer
 
 
@@ -87,29 +88,14 @@ def build_trainer(
     device = dist.device if dist is not None else torch.device(config.run.device or _default_device())
     low = device.type == "cuda" and config.run.mixed_precision == "bf16"
     frozen_dtype = torch.bfloat16 if low else torch.float32
-    if m.random_preset:
-        from rf_core.tiny import random_model, random_prompt
+    # Prompts, VAE and reward before the DiTs (a 14B teacher takes minutes): a bad one fails first.
+    cfg = _student_config(m)
+    if m.random_preset and not (config.data.prompt_embeddings or config.data.prompts):
+        from rf_core.tiny import random_prompt
 
-        generator = random_model(m.random_preset, seed=1, attn_backend=m.attn_backend)
-        teacher = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
-        critic = random_model(m.random_preset, seed=2, attn_backend=m.attn_backend)
-        if config.data.prompt_embeddings or config.data.prompts:
-            prompts = _prompts(config, generator.cfg, device, frozen_dtype)
-        else:
-            prompts = PromptSet(
-                random_prompt(generator.cfg, batch=4, seed=3), random_prompt(generator.cfg, seed=4)[0]
-            )
+        prompts = PromptSet(random_prompt(cfg, batch=4, seed=3), random_prompt(cfg, seed=4)[0])
     else:
-        from rf_core.io.checkpoints import load_dit
-
-        for name in ("student", "teacher"):
-            if not getattr(m, name):
-                raise ValueError(f"model.{name} is empty: give a checkpoint path (or model.random_preset)")
-        generator = load_dit(m.student, dtype=torch.float32, attn_backend=m.attn_backend)
-        teacher = load_dit(m.teacher, device=device, dtype=frozen_dtype, attn_backend=m.attn_backend)
-        critic_src = {"teacher": m.teacher, "student": m.student}.get(m.critic, m.critic)
-        critic = load_dit(critic_src, dtype=torch.float32, attn_backend=m.attn_backend)
-        prompts = _prompts(config, generator.cfg, device, frozen_dtype)
+        prompts = _prompts(config, cfg, device, frozen_dtype)
     decoder = None
     if m.vae:
         from rf_core.vae.stream_decode import WanStreamDecoder
@@ -117,8 +103,43 @@ def build_trainer(
 
         vae = load_wan_vae(m.vae, device=device, dtype=frozen_dtype)
         decoder = stream_decoder(lambda: WanStreamDecoder(vae), config.video.chunk_frames)
-    reward = build_reward(config.reward.kind, config.reward.options, device=device)
+    try:
+        reward = build_reward(config.reward.kind, config.reward.options, device=device)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"reward.kind {config.reward.kind!r}: {' '.join(str(err).split())}") from err
+    if reward is not None and needs_pixels(reward) and decoder is None:
+        raise ValueError(f"reward.kind {config.reward.kind!r} scores decoded frames: give model.vae")
+    generator, teacher, critic = _models(m, device, frozen_dtype)
     return ReDMDTrainer(config, generator, teacher, critic, prompts, reward, decoder, dist, interrupt)
+
+
+def _student_config(m) -> DiTConfig:
+    """The student's shape, from the preset or the checkpoint's header (no weights are read)."""
+    if m.random_preset:
+        return get_preset(m.random_preset)
+    from rf_core.io.checkpoints import open_dit_checkpoint
+
+    for name in ("student", "teacher"):
+        if not getattr(m, name):
+            raise ValueError(f"model.{name} is empty: give a checkpoint path (or model.random_preset)")
+    return open_dit_checkpoint(m.student).config
+
+
+def _models(m, device: torch.device, frozen_dtype: torch.dtype):
+    """(generator, teacher, critic): random weights of a preset, or the checkpoint files."""
+    if m.random_preset:
+        from rf_core.tiny import random_model
+
+        return tuple(
+            random_model(m.random_preset, seed=seed, attn_backend=m.attn_backend) for seed in (1, 2, 2)
+        )
+    from rf_core.io.checkpoints import load_dit
+
+    generator = load_dit(m.student, dtype=torch.float32, attn_backend=m.attn_backend)
+    teacher = load_dit(m.teacher, device=device, dtype=frozen_dtype, attn_backend=m.attn_backend)
+    critic_src = {"teacher": m.teacher, "student": m.student}.get(m.critic, m.critic)
+    critic = load_dit(critic_src, dtype=torch.float32, attn_backend=m.attn_backend)
+    return generator, teacher, critic
 
 
 def _default_device() -> str:
