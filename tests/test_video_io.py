@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -267,6 +268,59 @@ def test_sigkill_of_python_and_ffmpeg_keeps_complete_fragments(tmp_path):
 
 
 # ---------------------------------------------------------------- PNG sequence
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ffmpeg_starts_while_another_thread_holds_locals_whose_cleanup_blocks(tmp_path):
+    """A forked child that runs Python code (a ``preexec_fn``) first frees the other threads' states,
+    running their thread-locals' finalizers; one that blocks there (inside ComfyUI: the video decoder
+    Load Video left in the worker thread's locals) hangs the child, and the writer with it, forever."""
+    held = threading.Lock()
+    held.acquire()
+
+    class BlocksWhenFreed:
+        def __del__(self):
+            held.acquire()  # the lock is held: in a child that frees it, this never returns
+
+    ready, finish = threading.Event(), threading.Event()
+
+    def owner():
+        local = threading.local()
+        local.value = BlocksWhenFreed()
+        ready.set()
+        finish.wait()
+
+    threading.Thread(target=owner, daemon=True).start()
+    ready.wait()
+    written = []
+
+    def write():
+        with Mp4Writer(tmp_path / "v.mp4", fps=16) as w:
+            w.write(_grey_chunk(0, 2))
+        written.append(True)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    writer.join(30)
+    held.release()  # the owner's local is freed when it ends
+    finish.set()
+    if writer.is_alive():  # a child stuck before exec would hold pytest's output open: end it
+        for child in _children(os.getpid()):
+            os.kill(child, signal.SIGKILL)
+    assert written, "starting ffmpeg hung"
+    assert len(read_video_frames(tmp_path / "v.mp4")) == 2
 
 
 def test_png_sequence_is_lossless_and_rounds(tmp_path):

@@ -8,9 +8,12 @@ An interrupted MP4 stays playable:
 
 * The MP4 is written as fragmented MP4 (``empty_moov`` + a fragment per keyframe interval, flushed
   as they complete), so even if ffmpeg itself dies, every completed fragment is readable.
-* ffmpeg runs in its own process group (imageio-ffmpeg does that), so Ctrl-C does not reach it;
-  ``close()`` (also called by ``__exit__`` on an exception such as KeyboardInterrupt) lets it
-  encode every frame sent so far and finish the file.
+* ffmpeg runs in its own session (process group), so Ctrl-C does not reach it; ``close()`` (also
+  called by ``__exit__`` on an exception such as KeyboardInterrupt) lets it encode every frame sent
+  so far and finish the file. The session is made by ``start_new_session``, not by a ``preexec_fn``
+  (as ``imageio_ffmpeg.write_frames`` does it): Python code run in a forked child of a threaded
+  process can hang forever, e.g. inside ComfyUI after Load Video, whose decoder state sits in another
+  thread's thread-locals, when the writer thread starts ffmpeg.
 * If our process is killed, ffmpeg sees its input end, finishes the file and exits on its own.
 
 While writing, the video lives in a partial file next to the target, named for this run
@@ -21,6 +24,7 @@ the target in one step; after a hard kill the frames so far are in that partial 
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -163,7 +167,7 @@ class Mp4Writer(_ChunkedWriter):
         self.keyframe_interval = keyframe_interval or max(1, round(fps))
         self.fragmented = fragmented
         self.odd_size = odd_size
-        self._gen = None
+        self._proc: subprocess.Popen | None = None
 
     def _start(self, size: tuple[int, int]) -> None:
         import imageio_ffmpeg
@@ -174,30 +178,32 @@ class Mp4Writer(_ChunkedWriter):
         w, h = w + w % 2, h + h % 2
         self.path.parent.mkdir(parents=True, exist_ok=True)
         movflags = "+frag_keyframe+empty_moov+default_base_moof" if self.fragmented else "+faststart"
-        self._gen = imageio_ffmpeg.write_frames(
-            str(self.partial_path),
-            (w, h),
-            fps=Fraction(self.fps).limit_denominator(1001),
-            codec="libx264",
-            pix_fmt_out="yuv420p",
-            quality=None,
-            macro_block_size=1,  # never let imageio rescale; sizes are made even above
-            ffmpeg_log_level="error",
-            output_params=[
-                "-crf", str(self.crf),
-                "-preset", self.preset,
-                "-g", str(self.keyframe_interval),
-                "-movflags", movflags,
-                "-flush_packets", "1",  # each fragment reaches the disk when it is complete
-                "-f", "mp4",
-            ],
-        )  # fmt: skip
-        self._gen.send(None)
+        fps = Fraction(self.fps).limit_denominator(1001)
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "-", "-an",
+            "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+            "-crf", str(self.crf),
+            "-preset", self.preset,
+            "-g", str(self.keyframe_interval),
+            "-movflags", movflags,
+            "-flush_packets", "1",  # each fragment reaches the disk when it is complete
+            "-f", "mp4", str(self.partial_path),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+        )
 
     def _write(self, frames: np.ndarray) -> None:
         frames = _pad_to_even(frames)
         for frame in frames:
-            self._gen.send(frame.tobytes())
+            try:
+                self._proc.stdin.write(frame.tobytes())
+            except (BrokenPipeError, ValueError):
+                raise RuntimeError(
+                    f"ffmpeg stopped while writing {self.path} (exit code {self._proc.poll()}; see its "
+                    "messages above)"
+                ) from None
             self.frames_written += 1
 
     def close(self) -> None:
@@ -205,9 +211,17 @@ class Mp4Writer(_ChunkedWriter):
         if self.closed:
             return
         self.closed = True
-        if self._gen is None:
+        if self._proc is None:
             return
-        self._gen.close()  # closes ffmpeg's input and waits until it has finished the file
+        try:  # closing ffmpeg's input makes it finish the file
+            self._proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it stopped already: its exit code tells
+        code = self._proc.wait()
+        if code != 0:
+            raise RuntimeError(
+                f"ffmpeg failed writing {self.path} (exit code {code}; see its messages above)"
+            )
         if not self.partial_path.is_file() or self.partial_path.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg produced no output for {self.path} (see its messages above)")
         publish(self.partial_path, self.path, overwrite=self.overwrite)

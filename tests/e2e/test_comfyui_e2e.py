@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from comfy_server import PACK_FOLDER, REPO, ComfyServer, WebSocket, messages
@@ -24,7 +25,7 @@ from workflow_format import NATIVE_WIDGETS
 
 from rf_core.config import StreamConfig
 from rf_core.io.checkpoints import load_dit
-from rf_core.io.video import read_video_frames
+from rf_core.io.video import Mp4Writer, read_video_frames
 from rf_core.stream import StreamSession
 from rf_core.vae.latent_format import from_comfy_latent
 from rf_core.vae.wan_vae import load_wan_vae
@@ -43,10 +44,25 @@ WAN21_STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
              3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]  # fmt: skip
 
 
+def write_inputs(folder: Path) -> None:
+    """The files the image-to-video and extension workflows load from ComfyUI's input folder: a 24x16
+    start image and an 11-frame 24x16 video (wider than the 16x16 the tests generate)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(
+        folder / "reward_forcing_start.png"
+    )
+    with Mp4Writer(folder / "reward_forcing_extend.mp4", fps=16) as w:
+        w.write(rng.integers(0, 256, (11, 16, 24, 3), dtype=np.uint8))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     write_models(base / "models")
+    write_inputs(base / "input")
     srv = ComfyServer(Path(COMFY_DIR), os.environ.get("RF_COMFYUI_PYTHON", sys.executable), base)
     srv.start()
     yield srv
@@ -86,20 +102,25 @@ def mp4_frames(server: ComfyServer, item: dict) -> int:
     return len(read_video_frames(server.output / item["subfolder"] / item["filename"]))
 
 
-def engine_latent(server: ComfyServer, parts: list[tuple[int, torch.Tensor]], seed: int, hw=(2, 2), **kw):
-    """rf_core run directly: [(chunks, CONDITIONING tensor)] in order, each padded to 512 tokens, as raw LATENT."""
+def engine_latent(
+    server: ComfyServer, parts: list, seed: int, hw=(2, 2), prefix: torch.Tensor | None = None, **kw
+):
+    """rf_core run directly: [(chunks, CONDITIONING tensor[, recache])] in order, each padded to 512 tokens,
+    after prefilling ``prefix`` (a raw LATENT) if given; the generated chunks as raw LATENT."""
     dit = load_dit(server.base / "models" / "diffusion_models" / "rewardforcing.pt", dtype=torch.float32)
+    mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
+    std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
     chunks, session = [], None
-    for n, cond in parts:
+    for n, cond, *recache in parts:
         embeds = torch.nn.functional.pad(cond, (0, 0, 0, 512 - cond.shape[1]))
         if session is None:
             session = StreamSession(dit, embeds, hw, StreamConfig(**kw), seed=seed)
+            if prefix is not None:
+                session.prefill(((prefix - mean) / std).permute(0, 2, 1, 3, 4))
         else:
-            session.set_prompt(embeds, recache=True)
+            session.set_prompt(embeds, recache=recache[0] if recache else True)
         chunks += [session.next_chunk() for _ in range(n)]
     z = torch.cat(chunks, dim=1)
-    mean = torch.tensor(WAN21_MEAN).view(1, 16, 1, 1, 1)
-    std = torch.tensor(WAN21_STD).view(1, 16, 1, 1, 1)
     return z.permute(0, 2, 1, 3, 4) * std + mean
 
 
@@ -158,6 +179,62 @@ def test_t2v_5s_latent_decodes_natively_like_our_streaming_decode(server):
     vae = load_wan_vae(server.base / "models" / "vae" / "wan_2.1_vae.safetensors", dtype=torch.float32)
     reference = (vae.decode(from_comfy_latent(latent).transpose(1, 2)) + 1) / 2  # an independent decoder
     torch.testing.assert_close(native, reference[0].permute(1, 2, 3, 0).clamp(0, 1), rtol=0, atol=2e-3)
+
+
+def test_image_to_video_opens_with_the_image_and_streams_on_from_its_encoding(server):
+    prompt = api("reward_forcing_image_to_video", **{"6": SIZE})
+    probe(prompt, "Image", ["5", 0], "i2v_loaded")
+    probe(prompt, "Image", ["6", 1], "i2v_images")
+    probe(prompt, "Latent", ["6", 0], "i2v_latent")
+    probe(prompt, "Conditioning", ["2", 0], "i2v_cond")
+    entry = server.run(prompt)
+    (video,) = outputs_of(entry, "8")
+    assert mp4_frames(server, video) == 1 + 84
+    fitted = probed(server, "i2v_loaded")[:, :, 4:20]  # 24x16 into 16x16: the middle 16 columns
+    images, latent = probed(server, "i2v_images"), probed(server, "i2v_latent")
+    assert images.shape == (85, 16, 16, 3) and torch.equal(images[:1], fitted)
+    assert latent.shape == (1, 16, 22, 2, 2)
+    vae = load_wan_vae(server.base / "models" / "vae" / "wan_2.1_vae.safetensors", dtype=torch.float32)
+    raw = vae.encode(fitted.permute(3, 0, 1, 2)[None] * 2 - 1, normalize=False)  # an independent encoder
+    torch.testing.assert_close(latent[:, :, :1], raw, rtol=1e-4, atol=1e-4)
+    expected = engine_latent(server, [(7, probed(server, "i2v_cond"))], seed=42, prefix=latent[:, :, :1])
+    torch.testing.assert_close(latent[:, :, 1:], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_extend_video_opens_with_its_frames(server):
+    prompt = api("reward_forcing_extend_video", **{"7": SIZE})
+    probe(prompt, "Image", ["6", 0], "extend_loaded")
+    probe(prompt, "Image", ["7", 1], "extend_images")
+    probe(prompt, "Latent", ["7", 0], "extend_latent")
+    probe(prompt, "Conditioning", ["2", 0], "extend_cond")
+    entry = server.run(prompt)
+    (video,) = outputs_of(entry, "7")
+    assert video["subfolder"] == "RewardForcing" and mp4_frames(server, video) == 9 + 84
+    loaded = probed(server, "extend_loaded")
+    assert loaded.shape == (11, 16, 24, 3)
+    kept = loaded[2:, :, 4:20]  # 11 frames: the last 9 (1 + 4 * 2), their middle 16 columns
+    images, latent = probed(server, "extend_images"), probed(server, "extend_latent")
+    assert images.shape == (93, 16, 16, 3) and torch.equal(images[:9], kept)
+    assert latent.shape == (1, 16, 3 + 21, 2, 2)
+    expected = engine_latent(server, [(7, probed(server, "extend_cond"))], seed=42, prefix=latent[:, :, :3])
+    torch.testing.assert_close(latent[:, :, 3:], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_storyboard_switches_prompts_at_its_times(server):
+    prompt = api("reward_forcing_storyboard", **{"5": SIZE})
+    probe(prompt, "Latent", ["5", 0], "storyboard_latent")
+    lines = [line.split(": ", 1)[1] for line in prompt["2"]["inputs"]["text"].splitlines()]
+    for i, text in enumerate(lines):  # each line's prompt as CLIP Text Encode gives it
+        prompt[f"t{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 0]}}
+        probe(prompt, "Conditioning", [f"t{i}", 0], f"storyboard_cond{i}")
+    entry = server.run(prompt)
+    (video,) = outputs_of(entry, "7")
+    assert mp4_frames(server, video) == 201  # 12 s -> 17 chunks
+    conds = [probed(server, f"storyboard_cond{i}") for i in range(4)]
+    # 3 s -> chunk 5, 6 s -> chunk 9, 9 s (no recache) -> chunk 13
+    parts = [(5, conds[0]), (4, conds[1], True), (4, conds[2], True), (4, conds[3], False)]
+    expected = engine_latent(server, parts, seed=42)
+    torch.testing.assert_close(probed(server, "storyboard_latent"), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_long_30s_writes_477_frames(server):
