@@ -393,7 +393,7 @@ def _length(
     if prefix:
         note = (
             f"{asked} new frames asked; whole chunks make {made} ({chunks} chunks of {rest} frames) after the "
-            f"{opening} input frames"
+            f"{opening} input frame{'s' * (opening > 1)}"
         )
     else:
         first = chunk_start_frame(1, cf)
