@@ -812,17 +812,6 @@ def test_help_teaches_every_flag_with_its_default_and_examples(capsys):
 # ----------------------------------------------------------------------------- as a real process
 
 
-def _cli(*argv, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "rf_core.cli", *map(str, argv)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     bad = junk(tmp_path / "bad.safetensors")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
