@@ -182,96 +182,50 @@ def test_switch_that_abandons_a_chunk_equals_a_switch_between_chunks(model, poli
         assert torch.equal(ga.get_state(), gb.get_state())
 
 
-def test_second_switch_abandoning_the_re_cache_equals_one_switch(model):
-    """A newer prompt arriving during the re-cache itself: the window is re-cached again under it."""
-    p1, p2, p3 = (random_prompt(seed=i) for i in (1, 2, 3))
-    once = StreamSession(model, p1, HW, seed=2)
+def _switched_between_chunks(model, prompt, recache):
+    s = StreamSession(model, random_prompt(seed=1), HW, seed=2)
     for _ in range(4):
-        once.next_chunk()
-    once.set_prompt(p3, recache=True)
-    expected = once.next_chunk()
+        s.next_chunk()
+    s.set_prompt(prompt, recache=recache)
+    return s, s.next_chunk()
 
-    twice = StreamSession(model, p1, HW, seed=2)
+
+def _abandoned_then_switched(model, first, then, recache_then, abandon_at_call):
+    """Switch to ``first`` (re-cache on), abandon the next chunk at the given interrupt call, then
+    switch to ``then`` and make that chunk."""
+    s = StreamSession(model, random_prompt(seed=1), HW, seed=2)
     for _ in range(4):
-        twice.next_chunk()
-    twice.set_prompt(p2, recache=True)
+        s.next_chunk()
+    s.set_prompt(first, recache=True)
     calls = {"n": 0}
 
     def switch_requested():
         calls["n"] += 1
-        if calls["n"] == 3:  # refresh of chunk 4 (already run by set_prompt: not counted), re-cache, pass 1
+        if calls["n"] == abandon_at_call:
             raise _Abandon
 
-    twice.interrupt = switch_requested
+    s.interrupt = switch_requested
     with pytest.raises(_Abandon):
-        twice.next_chunk()
-    twice.interrupt = None
-    twice.set_prompt(p3, recache=True)
-    assert torch.equal(twice.next_chunk(), expected)
+        s.next_chunk()
+    s.interrupt = None
+    s.set_prompt(then, recache=recache_then)
+    return s, s.next_chunk()
+
+
+@pytest.mark.parametrize(
+    "abandon_at_call, recache_then",
+    [
+        (1, True),  # before the re-cache pass itself (set_prompt already ran chunk 4's refresh)
+        (3, True),  # after the re-cache and the first denoising pass
+        # once the window was re-cached its old keys are gone: a switch asking for no re-cache
+        # re-caches too, so it equals a re-cached switch between chunks
+        (3, False),
+    ],
+)
+def test_newer_switch_after_an_abandoned_switch_equals_one_switch(model, abandon_at_call, recache_then):
+    p2, p3 = random_prompt(seed=2), random_prompt(seed=3)
+    once, expected = _switched_between_chunks(model, p3, recache=True)
+    twice, got = _abandoned_then_switched(model, p2, p3, recache_then, abandon_at_call)
+    assert torch.equal(got, expected)
     for a, b in zip(_cache_state(twice), _cache_state(once)):
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(prompt=torch.zeros(1, 8, 32)), "text_dim|64"),
-        (dict(prompt=torch.zeros(1, 40, 64)), "at most 32"),
-        (dict(hw=(5, 6)), "multiples of 2"),
-        (dict(hw=(0, 6)), "positive"),
-    ],
-)
-def test_bad_input_raises_clear_error(model, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        StreamSession(model, kwargs.get("prompt", random_prompt()), kwargs.get("hw", HW))
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(chunk_frames=0), "chunk_frames"),
-        (dict(sink_policy="rolling"), "unknown sink_policy"),
-        (dict(window_frames=5), "window_frames"),
-        (dict(ema_alpha=1.5), "ema_alpha"),
-    ],
-)
-def test_bad_config_raises_clear_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        StreamConfig(**kwargs)
-
-
-def test_wrong_noise_shape_is_rejected(model):
-    s = StreamSession(model, random_prompt(), HW)
-    with pytest.raises(ValueError, match="noise must be"):
-        s.next_chunk(noise=torch.zeros(1, 2, 16, *HW))
-
-
-def test_switch_without_recache_after_an_abandoned_recached_chunk_recaches_again(model):
-    """Once an abandoned chunk's window was re-cached under a prompt, its old keys are gone: a newer
-    switch re-caches the window under its own prompt even if it asked for no re-cache."""
-    p1, p2, p3 = (random_prompt(seed=i) for i in (1, 2, 3))
-    between = StreamSession(model, p1, HW, seed=2)
-    for _ in range(4):
-        between.next_chunk()
-    between.set_prompt(p3, recache=True)
-    expected = between.next_chunk()
-
-    abandoned = StreamSession(model, p1, HW, seed=2)
-    for _ in range(4):
-        abandoned.next_chunk()
-    abandoned.set_prompt(p2, recache=True)
-    calls = {"n": 0}
-
-    def switch_requested():
-        calls["n"] += 1
-        if calls["n"] == 3:  # after the re-cache and the first denoising pass
-            raise _Abandon
-
-    abandoned.interrupt = switch_requested
-    with pytest.raises(_Abandon):
-        abandoned.next_chunk()
-    abandoned.interrupt = None
-    abandoned.set_prompt(p3, recache=False)
-    assert torch.equal(abandoned.next_chunk(), expected)
-    for a, b in zip(_cache_state(abandoned), _cache_state(between)):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
